@@ -1,0 +1,1844 @@
+#!/usr/bin/env python3
+"""codex_proxy: run Claude Code on a ChatGPT Plus/Pro subscription.
+
+One file, standard library only, Python 3.9+. It serves the Anthropic Messages
+API on loopback and translates every request to the OpenAI Codex backend (the
+Responses API that the Codex CLI uses with "Sign in with ChatGPT"), then
+translates the streamed reply back, event by event.
+
+Quick start::
+
+    python codex_proxy.py start        # prints the lines to paste into your shell
+    claude                             # in that shell
+
+Requests
+    POST /v1/messages[?beta=true]          streaming and non-streaming
+    POST /v1/messages/count_tokens         local estimate
+    GET  /v1/models, /v1/models/{id}       models this proxy answers for
+    GET  /health                           {"ok", "version", "logged_in"}
+    HEAD any path                          200, empty (Claude Code preconnects)
+
+Every /v1 request must carry the proxy key as ``x-api-key`` or
+``Authorization: Bearer``. The key is CODEX_PROXY_API_KEY when set, otherwise a
+random key made once and kept in CODEX_PROXY_HOME/api-key (mode 0600).
+
+Configuration (flag > environment > default)
+    --host / CODEX_PROXY_HOST              127.0.0.1
+    --port / CODEX_PROXY_PORT              8082
+    --verbose                              one log line per request
+    CODEX_PROXY_HOME                       ~/.codex-proxy (tokens.json, api-key)
+    CODEX_PROXY_UPSTREAM                   https://chatgpt.com/backend-api/codex
+    CODEX_PROXY_API_KEY                    the proxy key (else generated)
+    CODEX_PROXY_OPUS_MODEL                 gpt-5.5       (any model name with "opus")
+    CODEX_PROXY_SONNET_MODEL               gpt-5.5       (any model name with "sonnet")
+    CODEX_PROXY_HAIKU_MODEL                gpt-5.4-mini  (any model name with "haiku")
+
+Other model names pass through unchanged; ``MODEL:EFFORT`` (``gpt-5.5:high``)
+also sets the reasoning effort (low, medium, high, xhigh).
+
+Translation in brief
+    system, role "system" messages  -> developer messages (instructions stay "")
+    text / image / PDF / text document -> input_text / input_image / input_file / text
+    tool_use / tool_result          -> function_call / function_call_output
+    thinking (signed by this proxy) -> reasoning item with its encrypted_content
+    output_config.effort, thinking  -> reasoning.effort (+ summary when shown)
+    reasoning / output_text / function_call -> thinking / text / tool_use blocks
+    response usage                  -> input (uncached), cache_read, output tokens
+"""
+
+import argparse
+import base64
+import hashlib
+import hmac
+import http.client
+import json
+import math
+import os
+import platform
+import queue
+import random
+import re
+import secrets
+import socket
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+__version__ = "0.1.0"
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+DEFAULT_UPSTREAM = "https://chatgpt.com/backend-api/codex"
+DEFAULT_PORT = 8082
+CODEX_CLIENT_VERSION = "0.153.0"   # the Codex CLI release whose requests we mirror
+ORIGINATOR = "codex_cli_rs"
+DEFAULT_CONTEXT_WINDOW = 272000    # every current Codex model (catalog 2026-08)
+
+
+class Config:
+    """Settings for one proxy process: environment first, then overrides."""
+
+    def __init__(self, **overrides):
+        env = os.environ
+        self.host = env.get("CODEX_PROXY_HOST") or "127.0.0.1"
+        self.port = env_int("CODEX_PROXY_PORT", DEFAULT_PORT)
+        self.home = Path(env.get("CODEX_PROXY_HOME") or "~/.codex-proxy").expanduser()
+        self.upstream = (env.get("CODEX_PROXY_UPSTREAM") or DEFAULT_UPSTREAM).rstrip("/")
+        self.api_key = env.get("CODEX_PROXY_API_KEY") or None
+        self.models = {
+            "opus": env.get("CODEX_PROXY_OPUS_MODEL") or "gpt-5.5",
+            "sonnet": env.get("CODEX_PROXY_SONNET_MODEL") or "gpt-5.5",
+            "haiku": env.get("CODEX_PROXY_HAIKU_MODEL") or "gpt-5.4-mini",
+        }
+        self.verbose = False
+        # Timing knobs; tests shrink them.
+        self.connect_timeout = 15.0
+        self.idle_timeout = 300.0       # same as Codex between SSE events
+        self.ping_interval = 10.0       # Anthropic clients want one within 15 s
+        self.retries = 3                # extra attempts before any byte reached the client
+        self.retry_delay = 0.25         # first backoff; doubles each attempt
+        self.context_window = DEFAULT_CONTEXT_WINDOW
+        for name, value in overrides.items():
+            if not hasattr(self, name):
+                raise TypeError("unknown setting: " + name)
+            setattr(self, name, value)
+
+    @property
+    def tokens_path(self):
+        return self.home / "tokens.json"
+
+    def proxy_key(self):
+        """The key clients must present: the configured one, else a stored random one."""
+        if self.api_key:
+            return self.api_key
+        path = self.home / "api-key"
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+            if key:
+                return key
+        except FileNotFoundError:
+            pass
+        key = "cxp-" + secrets.token_urlsafe(32)
+        write_private_file(path, key + "\n")
+        return key
+
+
+def env_int(name, default):
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit("%s must be a whole number, not %r." % (name, value))
+
+
+def write_private_file(path, text):
+    """Write text atomically with mode 0600 in a 0700 directory."""
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(".%s.%s.tmp" % (path.name, secrets.token_hex(4)))
+    fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(str(tmp), str(path))
+    except BaseException:
+        try:
+            os.unlink(str(tmp))
+        except OSError:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------------------
+# Token store
+# ---------------------------------------------------------------------------
+
+def jwt_claims(token):
+    """The payload of a JWT as a dict ({} when it is not a readable JWT)."""
+    try:
+        payload = token.split(".")[1]
+        payload += "=" * (-len(payload) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(payload.encode("ascii")))
+        return claims if isinstance(claims, dict) else {}
+    except (IndexError, ValueError, AttributeError, UnicodeError):
+        return {}
+
+
+class TokenStore:
+    """ChatGPT tokens kept in a file shaped like Codex's own auth.json."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._cached = None
+        self._mtime = None
+
+    def load(self):
+        """The stored {"tokens": {...}} document, or None when there is none."""
+        with self._lock:
+            try:
+                mtime = self.path.stat().st_mtime_ns
+            except OSError:
+                self._cached = self._mtime = None
+                return None
+            if mtime != self._mtime:
+                try:
+                    doc = json.loads(self.path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    doc = None
+                if not isinstance(doc, dict) or not isinstance(doc.get("tokens"), dict):
+                    doc = None
+                self._cached, self._mtime = doc, mtime
+            return self._cached
+
+    def credentials(self):
+        """(access_token, account_id) for the upstream, or raise ProxyError 401."""
+        doc = self.load()
+        tokens = doc["tokens"] if doc else {}
+        access = tokens.get("access_token")
+        if not isinstance(access, str) or not access:
+            raise ProxyError(401, "authentication_error",
+                             "Not logged in to ChatGPT. Run `python codex_proxy.py login`.")
+        account = tokens.get("account_id")
+        if not account:
+            for token in (tokens.get("id_token"), access):
+                auth = jwt_claims(token or "").get("https://api.openai.com/auth") or {}
+                account = auth.get("chatgpt_account_id")
+                if account:
+                    break
+        return access, account or ""
+
+
+class ProxyError(Exception):
+    """An error answered to the client in Anthropic's shape.
+
+    The one place an Anthropic error is built: as a JSON body for an HTTP
+    reply (``body``), or as an ``error`` event inside a started stream (``event``).
+    """
+
+    def __init__(self, status, error_type, message, headers=None, retryable=False):
+        Exception.__init__(self, message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.headers = dict(headers or {})
+        self.retryable = retryable   # worth another upstream attempt before the client saw bytes
+
+    def event(self):
+        return {"type": "error", "error": {"type": self.error_type, "message": self.message}}
+
+    def body(self, request_id):
+        doc = self.event()
+        doc["request_id"] = request_id
+        return doc
+
+
+def invalid_request(message):
+    return ProxyError(400, "invalid_request_error", message)
+
+
+# ---------------------------------------------------------------------------
+# Request translation: Anthropic Messages -> Codex Responses
+# ---------------------------------------------------------------------------
+
+REASONING_EFFORTS = ("low", "medium", "high", "xhigh")
+EFFORT_ALIASES = {"none": "low", "minimal": "low", "max": "xhigh", "ultra": "xhigh"}
+BILLING_HEADER = "x-anthropic-billing-header:"   # changes every request; kills prompt caching
+SIGNATURE_PREFIX = "cxp1:"
+NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}\Z")
+SESSION_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
+CACHE_NAMESPACE = uuid.UUID("6f1c2b9e-3d4a-5e6f-8a9b-0c1d2e3f4a5b")
+MISSING_OUTPUT = "No result was recorded for this tool call."
+
+
+class RequestContext:
+    """What the reply translation needs to know about its request."""
+
+    def __init__(self, requested_model, model, tool_names, thinking, stop_sequences,
+                 cache_key, codex_body=None, context_window=DEFAULT_CONTEXT_WINDOW):
+        self.requested_model = requested_model   # echoed back as Message.model
+        self.model = model                       # the Codex model asked for
+        self.tool_names = tool_names             # Codex tool name -> client tool name
+        self.thinking = thinking                 # emit thinking blocks
+        self.stop_sequences = stop_sequences
+        self.cache_key = cache_key
+        self.codex_body = codex_body
+        self.context_window = context_window
+
+    def input_estimate(self):
+        return estimate_tokens(self.codex_body or {})
+
+
+def translate_request(body, headers, config):
+    """Anthropic /v1/messages body -> (Codex /responses body, RequestContext).
+
+    Pure: no I/O. Raises ProxyError(400) naming the offending field.
+    """
+    if not isinstance(body, dict):
+        raise invalid_request("The request body must be a JSON object.")
+    requested = body.get("model")
+    if not isinstance(requested, str) or not requested.strip():
+        raise invalid_request('model: field required (a string such as "claude-opus-4-8").')
+    messages = body.get("messages")
+    if messages is None:
+        raise invalid_request("messages: field required.")
+    if not isinstance(messages, list):
+        raise invalid_request("messages: must be a list of {role, content} objects.")
+    headers = {str(k).lower(): v for k, v in dict(headers or {}).items()}
+    model, suffix_effort = resolve_model(requested, config.models)
+
+    names = {}   # client tool name -> Codex tool name
+    tools = translate_tools(body.get("tools"), names)
+    items = []
+    add_developer_message(items, system_texts(body.get("system")))
+    for i, message in enumerate(messages):
+        translate_message(items, message, "messages.%d" % i, names, model)
+    items = repair_tool_pairs(items)
+
+    effort, thinking, show = reasoning_settings(body, suffix_effort)
+    reasoning = {"effort": effort}
+    if show:
+        reasoning["summary"] = "auto"
+    tool_choice, parallel = translate_tool_choice(body.get("tool_choice"), tools, names)
+    cache_key = prompt_cache_key(body, headers)
+    codex = {
+        "model": model,
+        "instructions": "",
+        "input": items,
+        "tools": tools,
+        "tool_choice": tool_choice,
+        "parallel_tool_calls": parallel,
+        "reasoning": reasoning,
+        "store": False,
+        "stream": True,
+        "include": ["reasoning.encrypted_content"],
+        "prompt_cache_key": cache_key,
+    }
+    text_format = output_format(body)
+    if text_format:
+        codex["text"] = {"format": text_format}
+    stops = body.get("stop_sequences")
+    stops = [s for s in stops if isinstance(s, str) and s] if isinstance(stops, list) else []
+    reverse = {codex_name: name for name, codex_name in names.items()}
+    context = RequestContext(requested, model, reverse, thinking, stops, cache_key,
+                             codex, config.context_window)
+    return codex, context
+
+
+def resolve_model(requested, models):
+    """Client model name -> (Codex model, effort or None).
+
+    Names with opus/sonnet/haiku map to the configured models; others pass
+    through. A ``:EFFORT`` suffix on either side sets the effort; ``[1m]``-style
+    context hints are dropped.
+    """
+    name, effort = split_effort(requested.strip())
+    name = re.sub(r"\[[^\]]*\]\Z", "", name)
+    for family in ("opus", "sonnet", "haiku"):
+        if family in name.lower():
+            name, mapped_effort = split_effort(models[family])
+            effort = effort or mapped_effort
+            break
+    return name, effort
+
+
+def split_effort(name):
+    base, sep, suffix = name.rpartition(":")
+    effort = normalize_effort(suffix) if sep else None
+    return (base, effort) if effort else (name, None)
+
+
+def normalize_effort(value):
+    if not isinstance(value, str):
+        return None
+    value = EFFORT_ALIASES.get(value.lower(), value.lower())
+    return value if value in REASONING_EFFORTS else None
+
+
+def reasoning_settings(body, suffix_effort):
+    """-> (effort, emit thinking blocks, ask for reasoning summaries)."""
+    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
+    kind = thinking.get("type")
+    effort = suffix_effort or requested_effort(body)
+    if not effort:
+        budget = thinking.get("budget_tokens")
+        if kind == "disabled":
+            effort = "low"
+        elif kind == "enabled" and isinstance(budget, int) and not isinstance(budget, bool):
+            # Claude Code's default budget is 31999: that is "high", not the quota-hungry xhigh.
+            effort = ("low" if budget < 4096 else "medium" if budget < 16384
+                      else "high" if budget < 32000 else "xhigh")
+        else:
+            effort = "medium"
+    wants = kind in ("enabled", "adaptive")
+    return effort, wants, wants and thinking.get("display") != "omitted"
+
+
+def requested_effort(body):
+    """output_config.effort, at the top level or on Claude Code's role:"system" message."""
+    configs = [body.get("output_config")]
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+    configs += [m.get("output_config") for m in reversed(messages)
+                if isinstance(m, dict) and m.get("role") == "system"]
+    for config in configs:
+        if isinstance(config, dict) and normalize_effort(config.get("effort")):
+            return normalize_effort(config.get("effort"))
+    return None
+
+
+def output_format(body):
+    """output_config.format (or the older output_format) -> Responses text.format."""
+    config = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
+    fmt = config.get("format") or body.get("output_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
+        return {"type": "json_schema", "name": "output", "schema": fmt["schema"], "strict": False}
+    return None
+
+
+def codex_tool_name(name):
+    """A name the backend accepts (^[a-zA-Z0-9_-]{1,64}$), stable for the same input."""
+    if NAME_RE.match(name):
+        return name
+    clean = re.sub(r"[^a-zA-Z0-9_-]", "_", name) or "tool"
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+    if len(clean) <= 55:
+        return clean + "_" + digest
+    return clean[:20] + "_" + digest + "_" + clean[-34:]   # keeps mcp__server and the tool's own name
+
+
+def codex_call_id(value):
+    """Tool-use ids pass through unless the backend would reject them."""
+    value = value if isinstance(value, str) else ""
+    return value if NAME_RE.match(value) else "call_" + hashlib.sha256(value.encode("utf-8")).hexdigest()[:24]
+
+
+def translate_tools(tools, names):
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise invalid_request("tools: must be a list.")
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise invalid_request("tools.%d: must be an object." % i)
+        kind = tool.get("type")
+        if isinstance(kind, str) and kind.startswith("web_search_"):
+            out.append(web_search_tool(tool))
+            continue
+        if kind not in (None, "custom") and "input_schema" not in tool:
+            continue   # other server tools (code execution, web fetch...) have no Codex twin
+        name = tool.get("name")
+        if not isinstance(name, str) or not name:
+            raise invalid_request("tools.%d.name: field required." % i)
+        names[name] = codex_tool_name(name)
+        description = tool.get("description")
+        out.append({
+            "type": "function",
+            "name": names[name],
+            "description": description if isinstance(description, str) else "",
+            "parameters": tool_parameters(tool.get("input_schema")),
+            "strict": False,
+        })
+    return out
+
+
+def tool_parameters(schema):
+    if not isinstance(schema, dict):
+        return {"type": "object", "properties": {}}
+    schema = {k: v for k, v in schema.items() if k != "$schema"}
+    schema["type"] = "object"
+    if not isinstance(schema.get("properties"), dict):
+        schema["properties"] = {}
+    return schema
+
+
+def web_search_tool(tool):
+    out = {"type": "web_search", "external_web_access": True}
+    domains = tool.get("allowed_domains")
+    if isinstance(domains, list) and domains:
+        out["filters"] = {"allowed_domains": [d for d in domains if isinstance(d, str)]}
+    location = tool.get("user_location")
+    if isinstance(location, dict):
+        out["user_location"] = {k: v for k, v in location.items()
+                                if k in ("type", "city", "region", "country", "timezone")}
+    return out
+
+
+def translate_tool_choice(choice, tools, names):
+    """-> (tool_choice, parallel_tool_calls)."""
+    if not tools:
+        return "auto", False
+    choice = choice if isinstance(choice, dict) else {}
+    parallel = choice.get("disable_parallel_tool_use") is not True
+    kind = choice.get("type")
+    if kind == "any":
+        return "required", parallel
+    if kind == "none":
+        return "none", parallel
+    if kind == "tool" and choice.get("name") in names:
+        return {"type": "function", "name": names[choice["name"]]}, parallel
+    return "auto", parallel
+
+
+def system_texts(system):
+    """Top-level system (string or text blocks) -> texts, without the billing line."""
+    if isinstance(system, str):
+        system = [{"type": "text", "text": system}]
+    if not isinstance(system, list):
+        return []
+    texts = []
+    for block in system:
+        text = block.get("text") if isinstance(block, dict) else block
+        if isinstance(text, str) and text.strip() and not text.startswith(BILLING_HEADER):
+            texts.append(text)
+    return texts
+
+
+def add_developer_message(items, texts):
+    # System text goes in developer messages at its position, not in
+    # `instructions`: the backend has at times accepted only Codex's own
+    # instructions, while developer messages have always been accepted, and
+    # mid-conversation system messages then follow the same rule.
+    if texts:
+        items.append({"type": "message", "role": "developer",
+                      "content": [{"type": "input_text", "text": t} for t in texts]})
+
+
+def content_blocks(content, path):
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        raise invalid_request(path + ": must be a string or a list of content blocks.")
+    blocks = []
+    for j, block in enumerate(content):
+        if isinstance(block, str):
+            block = {"type": "text", "text": block}
+        if not isinstance(block, dict):
+            raise invalid_request("%s.%d: must be a content block object." % (path, j))
+        blocks.append(block)
+    return blocks
+
+
+def translate_message(items, message, path, names, model):
+    if not isinstance(message, dict):
+        raise invalid_request(path + ": must be an object with role and content.")
+    role = message.get("role")
+    blocks = content_blocks(message.get("content"), path + ".content")
+    if role == "user":
+        translate_user_blocks(items, blocks, names)
+    elif role == "assistant":
+        translate_assistant_blocks(items, blocks, names, model)
+    elif role == "system":
+        add_developer_message(items, system_texts(blocks))
+    else:
+        raise invalid_request(path + '.role: must be "user", "assistant" or "system".')
+
+
+def translate_user_blocks(items, blocks, names):
+    parts = []
+    for block in blocks:
+        kind = block.get("type")
+        if kind in ("tool_result", "mid_conv_system"):
+            if parts:
+                items.append({"type": "message", "role": "user", "content": parts})
+                parts = []
+            if kind == "tool_result":
+                items.append(function_call_output(block))
+            else:
+                add_developer_message(items, system_texts(block.get("content")))
+        else:
+            parts.extend(input_parts(block))
+    if parts:
+        items.append({"type": "message", "role": "user", "content": parts})
+
+
+def input_parts(block):
+    """One user-side Anthropic block -> Responses input content parts."""
+    kind = block.get("type")
+    if kind == "text":
+        text = block.get("text")
+        return [input_text(text)] if isinstance(text, str) and text else []
+    if kind == "image":
+        return [image_part(block.get("source"))]
+    if kind == "document":
+        return document_parts(block)
+    if kind == "search_result":
+        inner = [b.get("text") for b in block.get("content") or [] if isinstance(b, dict)]
+        lines = [str(block.get("title") or ""), str(block.get("source") or "")]
+        return [input_text("\n".join([l for l in lines if l] + [t for t in inner if isinstance(t, str)]))]
+    if kind == "tool_reference":
+        return [input_text("Tool loaded: %s" % block.get("tool_name"))]
+    if kind in ("thinking", "redacted_thinking"):
+        return []
+    return [input_text("[%s block omitted]" % str(kind)[:64])]
+
+
+def input_text(text):
+    return {"type": "input_text", "text": text}
+
+
+def image_part(source):
+    source = source if isinstance(source, dict) else {}
+    if source.get("type") == "base64" and isinstance(source.get("data"), str):
+        url = "data:%s;base64,%s" % (source.get("media_type") or "image/png", source["data"])
+    elif source.get("type") == "url" and isinstance(source.get("url"), str):
+        url = source["url"]
+    else:
+        return input_text("[image not available to this model]")
+    return {"type": "input_image", "image_url": url, "detail": "auto"}
+
+
+def document_parts(block):
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    title = block.get("title") if isinstance(block.get("title"), str) else ""
+    kind = source.get("type")
+    if kind == "base64" and isinstance(source.get("data"), str):
+        media = source.get("media_type") or "application/pdf"
+        return [{"type": "input_file", "filename": title or "document.pdf",
+                 "file_data": "data:%s;base64,%s" % (media, source["data"])}]
+    if kind == "text" and isinstance(source.get("data"), str):
+        return [input_text((title + "\n\n" if title else "") + source["data"])]
+    if kind == "content":
+        parts = []
+        for inner in content_blocks(source.get("content"), "document.source.content"):
+            parts.extend(input_parts(inner))
+        return parts
+    if kind == "url" and isinstance(source.get("url"), str):
+        return [{"type": "input_file", "file_url": source["url"]}]
+    return [input_text("[document not available to this model]")]
+
+
+def function_call_output(block):
+    content = block.get("content")
+    if isinstance(content, list):
+        parts = []
+        for inner in content:
+            if isinstance(inner, str):
+                inner = {"type": "text", "text": inner}
+            if isinstance(inner, dict):
+                parts.extend(input_parts(inner))
+    else:
+        parts = [input_text(content)] if isinstance(content, str) and content else []
+    if block.get("is_error") is True:
+        # The backend has no error flag; say it in words the model reads.
+        parts.insert(0, input_text("[tool error]"))
+    if all(p["type"] == "input_text" for p in parts):
+        output = "\n".join(p["text"] for p in parts) or "(no output)"
+    else:
+        output = parts
+    return {"type": "function_call_output", "call_id": codex_call_id(block.get("tool_use_id")),
+            "output": output}
+
+
+def translate_assistant_blocks(items, blocks, names, model):
+    parts = []
+
+    def flush():
+        if parts:
+            items.append({"type": "message", "role": "assistant", "content": list(parts)})
+            del parts[:]
+
+    for block in blocks:
+        kind = block.get("type")
+        if kind == "text":
+            text = block.get("text")
+            if isinstance(text, str) and text:
+                parts.append({"type": "output_text", "text": text})
+        elif kind == "tool_use":
+            flush()
+            name = block.get("name") if isinstance(block.get("name"), str) else "tool"
+            names.setdefault(name, codex_tool_name(name))
+            arguments = block.get("input")
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments if arguments is not None else {},
+                                       ensure_ascii=False, separators=(",", ":"))
+            items.append({"type": "function_call", "call_id": codex_call_id(block.get("id")),
+                          "name": names[name], "arguments": arguments})
+        elif kind == "thinking":
+            encrypted = signature_content(block.get("signature"), model)
+            if encrypted:
+                flush()
+                text = block.get("thinking")
+                summary = [{"type": "summary_text", "text": text}] if isinstance(text, str) and text else []
+                items.append({"type": "reasoning", "summary": summary, "encrypted_content": encrypted})
+        elif kind in ("redacted_thinking", "server_tool_use") or str(kind).endswith("_tool_result"):
+            continue   # foreign reasoning, or server-side tool history this backend cannot replay
+        else:
+            parts.append({"type": "output_text", "text": "[%s block omitted]" % str(kind)[:64]})
+    flush()
+
+
+def thinking_signature(model, encrypted_content):
+    """The signature of a thinking block this proxy emits: our mark, the model, the blob."""
+    return "%s%s:%s" % (SIGNATURE_PREFIX, model, encrypted_content)
+
+
+def signature_content(signature, model):
+    """encrypted_content from a signature we issued for this model, else None."""
+    if not isinstance(signature, str) or not signature.startswith(SIGNATURE_PREFIX):
+        return None
+    issued_for, sep, encrypted = signature[len(SIGNATURE_PREFIX):].partition(":")
+    # Reasoning is encrypted per model; replaying it to another model is refused upstream.
+    return encrypted if sep and encrypted and issued_for == model else None
+
+
+def repair_tool_pairs(items):
+    """Make every function_call have one output and every output a call.
+
+    The backend rejects both orphans ("No tool call found for function call
+    output", "No tool output found for function call"); interrupted turns and
+    client-side compaction produce them.
+    """
+    answered = set()
+    calls = set()
+    for item in items:
+        if item["type"] == "function_call":
+            calls.add(item["call_id"])
+        elif item["type"] == "function_call_output" and item["call_id"] in calls:
+            answered.add(item["call_id"])
+    out = []
+    seen_calls, seen_outputs = set(), set()
+    for item in items:
+        kind = item["type"]
+        if kind == "function_call":
+            if item["call_id"] in seen_calls:
+                continue
+            seen_calls.add(item["call_id"])
+            out.append(item)
+            if item["call_id"] not in answered:
+                out.append({"type": "function_call_output", "call_id": item["call_id"],
+                            "output": MISSING_OUTPUT})
+        elif kind == "function_call_output":
+            call_id = item["call_id"]
+            if call_id in seen_outputs:
+                continue
+            if call_id in seen_calls and call_id in answered:
+                seen_outputs.add(call_id)
+                out.append(item)
+            else:
+                out.append(orphan_output_message(item))
+        else:
+            out.append(item)
+    return out
+
+
+def orphan_output_message(item):
+    output = item["output"]
+    parts = [input_text("Result of an earlier tool call (%s):" % item["call_id"])]
+    parts += [input_text(output)] if isinstance(output, str) else output
+    return {"type": "message", "role": "user", "content": parts}
+
+
+def prompt_cache_key(body, headers):
+    """One stable key per conversation (and per sub-agent), so the backend's cache hits."""
+    session = headers.get("x-claude-code-session-id") or metadata_session(body.get("metadata"))
+    agent = headers.get("x-claude-code-agent-id")
+    if session and not agent and SESSION_RE.match(session):
+        return session
+    if not session:
+        first = next((m.get("content") for m in body.get("messages") or []
+                      if isinstance(m, dict) and m.get("role") == "user"), "")
+        session = "first-user:" + hashlib.sha256(
+            json.dumps(first, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+    return str(uuid.uuid5(CACHE_NAMESPACE, "%s\n%s" % (session, agent or "")))
+
+
+def metadata_session(metadata):
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if not isinstance(user_id, str):
+        return None
+    try:
+        doc = json.loads(user_id)
+        if isinstance(doc, dict) and isinstance(doc.get("session_id"), str) and doc["session_id"]:
+            return doc["session_id"]
+    except ValueError:
+        pass
+    match = re.search(r"_session_([0-9a-fA-F-]{8,})", user_id)
+    return match.group(1) if match else None
+
+
+def estimate_tokens(value):
+    """A rough token count of a Codex body: text at ~4 characters a token, images at a flat rate."""
+    chars, images = 0, 0
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            chars += len(node)
+        elif isinstance(node, dict):
+            if node.get("type") in ("input_image", "input_file"):
+                images += 1
+                continue
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return chars // 4 + images * 1600
+
+
+# ---------------------------------------------------------------------------
+# Stream translation: Codex Responses events -> Anthropic Messages events
+# ---------------------------------------------------------------------------
+
+class _Item:
+    """Progress of one upstream output item."""
+
+    __slots__ = ("kind", "block", "index", "finished", "got_text", "pending", "hold",
+                 "call_id", "name", "args", "sent_args", "wrote_thinking", "section_break")
+
+    def __init__(self, kind):
+        self.kind = kind          # message, reasoning, function_call or other
+        self.block = None         # type of this item's open Anthropic block
+        self.index = -1
+        self.finished = False
+        self.got_text = False     # text deltas arrived (so the done item's text is not repeated)
+        self.pending = ""         # leading whitespace not yet worth a text block
+        self.hold = ""            # tail that may still become a stop sequence
+        self.call_id = None
+        self.name = None
+        self.args = ""            # argument deltas that arrived before the call id
+        self.sent_args = False
+        self.wrote_thinking = False
+        self.section_break = False
+
+
+ITEM_KINDS = {"message": "message", "reasoning": "reasoning", "function_call": "function_call"}
+DELTA_KINDS = {
+    "response.output_text.delta": "message",
+    "response.refusal.delta": "message",
+    "response.reasoning_summary_text.delta": "reasoning",
+    "response.reasoning_text.delta": "reasoning",
+    "response.reasoning_summary_part.added": "reasoning",
+    "response.function_call_arguments.delta": "function_call",
+}
+
+
+class ResponseTranslator:
+    """The reducer: Codex Responses events in, Anthropic stream events out.
+
+    ``feed(event)`` returns the Anthropic events one upstream event produces.
+    Streaming writes them as they come; non-streaming folds them with
+    ``fold_message``, so the two modes cannot disagree. Anthropic allows one
+    open block at a time, so an item that starts while another is open waits
+    in a backlog until that one is done. Upstream failures raise ProxyError.
+    """
+
+    def __init__(self, context):
+        self.ctx = context
+        self.message_id = "msg_" + secrets.token_hex(12)
+        self.out = []
+        self.index = -1           # index of the last block started
+        self.items = {}
+        self.seen_ids = set()
+        self.owner = None         # key of the item whose events flow now
+        self.backlog = []         # (key, event) of items waiting for their turn
+        self.anonymous = 0
+        self.started = False
+        self.has_output = False   # an output item or a terminal event arrived
+        self.finished = False     # message_stop emitted
+        self.tool_use = False
+        self.refusal = False
+        self.output_chars = 0
+
+    def feed(self, event):
+        self.out = []
+        if self.finished:
+            return self.out
+        if not self.started:
+            self.started = True
+            self._message_start()
+        kind = event.get("type")
+        if kind in ("response.output_item.added", "response.output_item.done") or kind in DELTA_KINDS:
+            self.has_output = self.has_output or kind.startswith("response.output_item")
+            self._route(self._key(event), event)
+            self._drain()
+        elif kind in ("response.completed", "response.incomplete"):
+            self._complete(event)
+        elif kind == "response.failed":
+            response = event.get("response") if isinstance(event.get("response"), dict) else {}
+            raise upstream_failure(response.get("error"), self.ctx)
+        elif kind == "error":
+            raise upstream_failure(event.get("error") or event, self.ctx)
+        return self.out
+
+    # -- routing items one at a time ------------------------------------
+
+    def _key(self, event):
+        key = event.get("output_index")
+        if key is None:
+            item = event.get("item") if isinstance(event.get("item"), dict) else {}
+            key = event.get("item_id") or item.get("id")
+        if key is None or isinstance(key, (dict, list)):
+            self.anonymous += 1
+            key = ("anonymous", self.anonymous)
+        return key
+
+    def _route(self, key, event):
+        if self.owner is not None and key != self.owner:
+            self.backlog.append((key, event))
+            return
+        item = self.items.get(key)
+        payload = event.get("item") if isinstance(event.get("item"), dict) else {}
+        if item is None:
+            kind = ITEM_KINDS.get(payload.get("type"), DELTA_KINDS.get(event.get("type"), "other"))
+            item = self.items[key] = _Item(kind)
+        if item.finished:
+            return
+        if isinstance(payload.get("id"), str):
+            self.seen_ids.add(payload["id"])
+        self.owner = key
+        kind = event.get("type")
+        if kind == "response.output_item.added":
+            self._added(item, payload)
+        elif kind == "response.output_item.done":
+            self._done(item, payload)
+        elif kind in ("response.output_text.delta", "response.refusal.delta"):
+            self.refusal = self.refusal or kind == "response.refusal.delta"
+            item.got_text = True
+            self._text(item, event.get("delta"))
+        elif kind == "response.function_call_arguments.delta":
+            self._arguments(item, event.get("delta"))
+        elif kind == "response.reasoning_summary_part.added":
+            item.section_break = item.wrote_thinking
+        else:
+            self._thinking(item, event.get("delta"))
+
+    def _drain(self):
+        while self.owner is None and self.backlog and not self.finished:
+            waiting, self.backlog = self.backlog, []
+            for key, event in waiting:
+                self._route(key, event)
+
+    # -- per item --------------------------------------------------------
+
+    def _added(self, item, payload):
+        if item.kind == "reasoning" and self.ctx.thinking:
+            self._open(item, {"type": "thinking", "thinking": "", "signature": ""})
+        elif item.kind == "function_call":
+            item.call_id = payload.get("call_id") or None
+            item.name = payload.get("name") or None
+            if item.call_id and item.name:
+                self._open_tool(item)
+
+    def _done(self, item, payload):
+        if item.kind == "reasoning":
+            if self.ctx.thinking:
+                if item.block is None:
+                    self._open(item, {"type": "thinking", "thinking": "", "signature": ""})
+                encrypted = payload.get("encrypted_content")
+                signature = thinking_signature(self.ctx.model, encrypted) if isinstance(encrypted, str) and encrypted else ""
+                self._delta(item, {"type": "signature_delta", "signature": signature})
+        elif item.kind == "message":
+            if not item.got_text:
+                for part in payload.get("content") or []:
+                    if isinstance(part, dict) and part.get("type") == "refusal":
+                        self.refusal = True
+                        self._text(item, part.get("refusal"))
+                    elif isinstance(part, dict):
+                        self._text(item, part.get("text"))
+            if item.hold and not self.finished:
+                item.hold, tail = "", item.hold
+                self._emit_text(item, tail)
+        elif item.kind == "function_call":
+            if item.block is None:
+                item.call_id = item.call_id or payload.get("call_id") or "call_" + secrets.token_hex(12)
+                item.name = item.name or payload.get("name") or "tool"
+                self._open_tool(item)
+            arguments = payload.get("arguments")
+            if not item.sent_args and isinstance(arguments, str) and arguments:
+                self._delta(item, {"type": "input_json_delta", "partial_json": arguments})
+            self.tool_use = True
+        if item.block is not None and not self.finished:
+            self._close(item)
+        item.finished = True
+        self.owner = None
+
+    def _text(self, item, delta):
+        if not isinstance(delta, str) or not delta or self.finished:
+            return
+        if not self.ctx.stop_sequences:
+            self._emit_text(item, delta)
+            return
+        text, stop = self._scan_stops(item, delta)
+        self._emit_text(item, text)
+        if stop is not None:
+            self._close(item)
+            self._message_end("stop_sequence", stop, None)
+
+    def _emit_text(self, item, text):
+        if not text:
+            return
+        if item.block is None:
+            item.pending += text
+            if not item.pending.strip():
+                return   # never a whitespace-only text block
+            self._open(item, {"type": "text", "text": ""})
+            text, item.pending = item.pending, ""
+        self.output_chars += len(text)
+        self._delta(item, {"type": "text_delta", "text": text})
+
+    def _scan_stops(self, item, delta):
+        """-> (text safe to emit now, matched stop sequence or None)."""
+        text = item.hold + delta
+        hits = [(text.find(s), s) for s in self.ctx.stop_sequences if s in text]
+        if hits:
+            at, stop = min(hits)
+            item.hold = ""
+            return text[:at], stop
+        keep = 0
+        for size in range(min(len(text), max(map(len, self.ctx.stop_sequences)) - 1), 0, -1):
+            if any(s.startswith(text[-size:]) for s in self.ctx.stop_sequences):
+                keep = size
+                break
+        item.hold = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep], None
+
+    def _thinking(self, item, delta):
+        if not isinstance(delta, str) or not delta:
+            return
+        if item.block is None and self.ctx.thinking and item.kind == "reasoning":
+            self._open(item, {"type": "thinking", "thinking": "", "signature": ""})
+        if item.block != "thinking":
+            return
+        if item.section_break:
+            delta, item.section_break = "\n\n" + delta, False
+        item.wrote_thinking = True
+        self.output_chars += len(delta)
+        self._delta(item, {"type": "thinking_delta", "thinking": delta})
+
+    def _arguments(self, item, delta):
+        if not isinstance(delta, str) or not delta:
+            return
+        self.output_chars += len(delta)
+        if item.block == "tool_use":
+            item.sent_args = True
+            self._delta(item, {"type": "input_json_delta", "partial_json": delta})
+        else:
+            item.args += delta
+
+    def _open_tool(self, item):
+        name = self.ctx.tool_names.get(item.name, item.name)
+        self._open(item, {"type": "tool_use", "id": codex_call_id(item.call_id), "name": name, "input": {}})
+        if item.args:
+            item.args, args = "", item.args
+            item.sent_args = True
+            self._delta(item, {"type": "input_json_delta", "partial_json": args})
+
+    # -- Anthropic events ------------------------------------------------
+
+    def _open(self, item, block):
+        self.index += 1
+        item.index, item.block = self.index, block["type"]
+        self.out.append({"type": "content_block_start", "index": self.index, "content_block": block})
+
+    def _delta(self, item, delta):
+        self.out.append({"type": "content_block_delta", "index": item.index, "delta": delta})
+
+    def _close(self, item):
+        if item.block is not None:
+            self.out.append({"type": "content_block_stop", "index": item.index})
+            item.block = None
+
+    def _message_start(self):
+        self.out.append({"type": "message_start", "message": {
+            "id": self.message_id, "type": "message", "role": "assistant",
+            "model": self.ctx.requested_model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": anthropic_usage(None)}})
+
+    def _complete(self, event):
+        self.has_output = True
+        response = event.get("response") if isinstance(event.get("response"), dict) else {}
+        self._finish_items()
+        streamed = bool(self.items)
+        for payload in response.get("output") or []:
+            # Items that only the final snapshot carries (no added/done events).
+            if isinstance(payload, dict) and payload.get("id") not in self.seen_ids and not self.finished:
+                if payload.get("id") or not streamed:
+                    self._route(("final", len(self.items)), {"type": "response.output_item.done", "item": payload})
+        if self.finished:
+            return
+        if event.get("type") == "response.incomplete":
+            details = response.get("incomplete_details") if isinstance(response.get("incomplete_details"), dict) else {}
+            reason = details.get("reason")
+            stop = "refusal" if reason == "content_filter" else "max_tokens"
+        else:
+            stop = "tool_use" if self.tool_use else "refusal" if self.refusal else "end_turn"
+        self._message_end(stop, None, response.get("usage"))
+
+    def _finish_items(self):
+        """Close whatever the upstream left open, in order."""
+        while not self.finished:
+            if self.owner is not None:
+                self._done(self.items[self.owner], {})
+            if not self.backlog:
+                break
+            self._drain()
+
+    def _message_end(self, stop_reason, stop_sequence, usage):
+        if usage is None:   # cut short by a stop sequence: the upstream never counted
+            usage = {"input_tokens": self.ctx.input_estimate(),
+                     "output_tokens": self.output_chars // 4 + 1}
+        self.out.append({"type": "message_delta",
+                         "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                         "usage": anthropic_usage(usage)})
+        self.out.append({"type": "message_stop"})
+        self.finished = True
+
+
+def anthropic_usage(usage):
+    """Responses usage -> Anthropic usage: cached input is reported apart from the rest."""
+    usage = usage if isinstance(usage, dict) else {}
+    details = usage.get("input_tokens_details") if isinstance(usage.get("input_tokens_details"), dict) else {}
+    total, cached = as_int(usage.get("input_tokens")), as_int(details.get("cached_tokens"))
+    cached = min(cached, total) if total else cached
+    return {"input_tokens": max(total - cached, 0), "output_tokens": as_int(usage.get("output_tokens")),
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
+
+
+def as_int(value):
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 0
+
+
+def fold_message(events):
+    """Accumulate Anthropic stream events into the Message a non-streaming call returns."""
+    message, partial = None, {}
+    for event in events:
+        kind = event["type"]
+        if kind == "message_start":
+            message = dict(event["message"], content=[], usage=dict(event["message"]["usage"]))
+        elif kind == "content_block_start":
+            block = dict(event["content_block"])
+            message["content"].append(block)
+            if block["type"] in ("tool_use", "server_tool_use"):
+                partial[event["index"]] = ""
+        elif kind == "content_block_delta":
+            block, delta = message["content"][event["index"]], event["delta"]
+            if delta["type"] == "text_delta":
+                block["text"] += delta["text"]
+            elif delta["type"] == "thinking_delta":
+                block["thinking"] += delta["thinking"]
+            elif delta["type"] == "signature_delta":
+                block["signature"] = delta["signature"]
+            elif delta["type"] == "input_json_delta":
+                partial[event["index"]] += delta["partial_json"]
+            elif delta["type"] == "citations_delta":
+                block.setdefault("citations", []).append(delta["citation"])
+        elif kind == "content_block_stop" and event["index"] in partial:
+            text = partial.pop(event["index"])
+            try:
+                value = json.loads(text) if text.strip() else {}
+            except ValueError:
+                value = {}
+            message["content"][event["index"]]["input"] = value if isinstance(value, dict) else {}
+        elif kind == "message_delta":
+            message.update(event["delta"])
+            message["usage"].update(event["usage"])
+    return message
+
+
+# ---------------------------------------------------------------------------
+# Upstream client: POST {upstream}/responses, SSE back
+# ---------------------------------------------------------------------------
+
+PING = object()       # yielded by CodexStream.events() when the upstream has been quiet
+_END = object()
+
+
+class UpstreamBroken(Exception):
+    """The connection failed or the stream ended early; a retry may succeed."""
+
+
+class ClientGone(Exception):
+    """The client closed its connection; stop work for it."""
+
+
+class CodexClient:
+    """Sends translated requests to the Codex backend over reused keep-alive connections."""
+
+    def __init__(self, config, tokens):
+        self.config = config
+        self.tokens = tokens
+        url = urlsplit(config.upstream)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise SystemExit("CODEX_PROXY_UPSTREAM must be an http(s) URL, not %r." % config.upstream)
+        self.https = url.scheme == "https"
+        self.host = url.hostname
+        self.port = url.port or (443 if self.https else 80)
+        self.path = url.path.rstrip("/") + "/responses"
+        self._idle = []
+        self._lock = threading.Lock()
+
+    def headers(self, context):
+        access, account = self.tokens.credentials()
+        headers = {
+            "Authorization": "Bearer " + access,
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            "originator": ORIGINATOR,
+            "User-Agent": "%s/%s (%s %s; %s) codex-proxy/%s" % (
+                ORIGINATOR, CODEX_CLIENT_VERSION, platform.system() or "Unknown",
+                platform.release() or "0", platform.machine() or "unknown", __version__),
+            "version": CODEX_CLIENT_VERSION,
+            "session-id": context.cache_key,
+            "x-client-request-id": context.cache_key,
+        }
+        if account:
+            headers["ChatGPT-Account-ID"] = account
+        return headers
+
+    def open(self, payload, context):
+        """Send one request; return a CodexStream for a 200, else raise ProxyError or UpstreamBroken."""
+        headers = self.headers(context)
+        conn, reused = self._acquire()
+        try:
+            try:
+                conn.request("POST", self.path, payload, headers)
+                response = conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                if not reused:
+                    raise
+                conn.close()   # a pooled connection the server had closed: try a fresh one once
+                conn, reused = self._acquire(fresh=True)
+                conn.request("POST", self.path, payload, headers)
+                response = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise UpstreamBroken("Cannot reach the Codex backend at %s (%s). Check your network "
+                                 "connection or CODEX_PROXY_UPSTREAM." % (self.host, describe(exc)))
+        if response.status == 200:
+            return CodexStream(self, conn, response)
+        try:
+            body = response.read(65536)
+        except (OSError, http.client.HTTPException):
+            body = b""
+        conn.close()
+        raise upstream_http_error(response.status, body, response.headers, context)
+
+    def _acquire(self, fresh=False):
+        if not fresh:
+            with self._lock:
+                if self._idle:
+                    return self._idle.pop(), True
+        if self.https:
+            import ssl   # only when talking TLS; keeps plain-HTTP start-up lean
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.config.connect_timeout,
+                                               context=ssl.create_default_context())
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.config.connect_timeout)
+        return conn, False
+
+    def release(self, conn):
+        if conn.sock is None:
+            return
+        with self._lock:
+            if len(self._idle) < 16:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+
+def describe(exc):
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 200 else text[:200] + "..."
+
+
+class CodexStream:
+    """One streaming /responses reply.
+
+    A helper thread reads the socket and queues parsed events, so the caller
+    can send pings during silence, time out an idle upstream, notice a client
+    that left, and abort at once.
+    """
+
+    def __init__(self, client, conn, response):
+        self.client = client
+        self.conn = conn
+        self.response = response
+        self.headers = response.headers
+        self._queue = queue.Queue()
+        self._aborted = False
+        threading.Thread(target=self._pump, name="codex-stream", daemon=True).start()
+
+    def _pump(self):
+        try:
+            if self.conn.sock is not None:
+                self.conn.sock.settimeout(self.client.config.idle_timeout)
+                self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for event in read_sse(self.response):
+                self._queue.put(event)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            self.conn.close()
+            self._queue.put(UpstreamBroken("The connection to the Codex backend broke (%s)." % describe(exc)))
+            return
+        self._queue.put(_END)
+        if self._aborted or self.response.will_close:
+            self.conn.close()
+        else:
+            self.client.release(self.conn)
+
+    def events(self, ping_interval, idle_timeout, client_alive=None):
+        """Yield upstream events, or PING after ``ping_interval`` seconds of silence."""
+        last_event = last_beat = time.monotonic()
+        wait = min(ping_interval, 1.0)
+        while True:
+            try:
+                item = self._queue.get(timeout=wait)
+            except queue.Empty:
+                now = time.monotonic()
+                if client_alive is not None and not client_alive():
+                    raise ClientGone()
+                if now - last_event >= idle_timeout:
+                    raise UpstreamBroken("The Codex backend sent nothing for %d seconds." % idle_timeout)
+                if now - last_beat >= ping_interval:
+                    last_beat = now
+                    yield PING
+                continue
+            if item is _END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            last_event = last_beat = time.monotonic()
+            yield item
+
+    def abort(self):
+        """Stop reading now; the socket is shut so the reader thread wakes and exits."""
+        self._aborted = True
+        sock = self.conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def read_sse(response):
+    """Parse an SSE body into event dicts (dispatching on data.type, like Codex)."""
+    buffer, data = b"", []
+    while True:
+        chunk = response.read1(65536)
+        lines = (buffer + chunk).split(b"\n") if chunk else [buffer, b""]
+        buffer = lines.pop() if chunk else b""
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line.startswith(b"data:"):
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif not line and data:
+                try:
+                    event = json.loads(b"\n".join(data))
+                except ValueError:
+                    event = None
+                data = []
+                if isinstance(event, dict) and isinstance(event.get("type"), str):
+                    yield event
+        if not chunk:
+            return
+
+
+def upstream_error_fields(body):
+    """-> (code, message, error object) from a backend error body of any known shape."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        return None, body.decode("utf-8", "replace").strip()[:500], {}
+    error = doc.get("error")
+    if isinstance(error, dict):
+        code = error.get("code") or error.get("type")
+        message = error.get("message")
+    else:
+        code, message, error = (error if isinstance(error, str) else doc.get("code")), None, {}
+    if not isinstance(message, str) or not message.strip():
+        message = doc.get("detail") if isinstance(doc.get("detail"), str) else code or ""
+    return (code if isinstance(code, str) else None), message.strip(), error
+
+
+def upstream_http_error(status, body, headers, context):
+    """Map a non-200 reply of the backend to the Anthropic error Claude Code acts on."""
+    code, message, error = upstream_error_fields(body)
+    if status == 401:
+        return ProxyError(401, "authentication_error",
+                          "ChatGPT rejected the saved login (%s). Run `python codex_proxy.py login` "
+                          "to sign in again." % (message or "401"))
+    if "not supported when using Codex with a ChatGPT account" in message or (
+            status == 400 and "model" in message.lower() and "not supported" in message.lower()):
+        return ProxyError(400, "invalid_request_error",
+                          "The model %r is not available with this ChatGPT account (%s). Pick another "
+                          "one, e.g. CODEX_PROXY_OPUS_MODEL=gpt-5.5." % (context.model, message),
+                          {"x-should-retry": "false"})
+    if code in ("usage_limit_reached", "usage_not_included", "insufficient_quota", "rate_limit_exceeded",
+                "context_length_exceeded", "server_is_overloaded", "slow_down",
+                "cyber_policy", "invalid_prompt", "bio_policy"):
+        return upstream_failure(dict(error, code=code, message=message), context, headers)
+    if status == 429:
+        return upstream_failure({"code": "rate_limit_exceeded", "message": message}, context, headers)
+    if "context window" in message or "context_length" in message:
+        return context_error(context)
+    if status == 403:
+        return ProxyError(403, "permission_error",
+                          "The Codex backend refused the request (403): %s" % (message or "forbidden"))
+    if status >= 500:
+        return ProxyError(529, "overloaded_error",
+                          "The Codex backend failed (HTTP %d): %s" % (status, message or "no details"),
+                          retryable=True)
+    return ProxyError(400, "invalid_request_error",
+                      "The Codex backend rejected the request (HTTP %d): %s" % (status, message),
+                      {"x-should-retry": "false"})
+
+
+def upstream_failure(error, context, headers=None):
+    """Map a failure the backend reported (response.failed, an error event, or an
+    HTTP error body with a known code) to an Anthropic error."""
+    error = error if isinstance(error, dict) else {}
+    code = error.get("code") or error.get("type")
+    message = error.get("message") if isinstance(error.get("message"), str) else ""
+    message = message.strip()
+    if code == "context_length_exceeded":
+        return context_error(context)
+    if code in ("usage_limit_reached", "insufficient_quota"):
+        return usage_limit_error(error, headers)
+    if code == "usage_not_included":
+        return ProxyError(402, "billing_error",
+                          "This ChatGPT plan does not include Codex. Upgrade the plan "
+                          "(https://chatgpt.com/explore/plus) or log in with another account.",
+                          {"x-should-retry": "false"})
+    if code in ("server_is_overloaded", "slow_down"):
+        return ProxyError(529, "overloaded_error",
+                          "The Codex backend is overloaded (%s). Try again shortly or pick another model." % code)
+    if code == "rate_limit_exceeded":
+        match = re.search(r"try again in ([0-9.]+)\s*(ms|s)", message)
+        seconds = 1
+        if match:
+            seconds = float(match.group(1)) / (1000.0 if match.group(2) == "ms" else 1.0)
+        return ProxyError(429, "rate_limit_error", "The Codex backend is rate limiting: " + (message or code),
+                          {"retry-after": str(max(1, int(math.ceil(seconds))))})
+    if code in ("cyber_policy", "invalid_prompt", "bio_policy"):
+        return ProxyError(400, "invalid_request_error",
+                          "The Codex backend refused this request (%s): %s" % (
+                              code, message or "flagged by its safety policy"),
+                          {"x-should-retry": "false"})
+    return ProxyError(500, "api_error", "The Codex backend failed: %s" % (message or code or "unknown error"),
+                      retryable=True)
+
+
+def context_error(context):
+    # Claude Code compacts the conversation when it reads exactly this sentence.
+    window = context.context_window if context else DEFAULT_CONTEXT_WINDOW
+    tokens = max(context.input_estimate() if context else 0, window + 1)
+    return ProxyError(400, "invalid_request_error",
+                      "prompt is too long: %d tokens > %d maximum" % (tokens, window),
+                      {"x-should-retry": "false"})
+
+
+def usage_limit_error(error, headers=None):
+    headers = headers or {}
+    seconds = error.get("resets_in_seconds")
+    if not isinstance(seconds, (int, float)) and isinstance(error.get("resets_at"), (int, float)):
+        seconds = error["resets_at"] - time.time()
+    if not isinstance(seconds, (int, float)):
+        try:
+            seconds = float(headers.get("x-codex-primary-reset-after-seconds") or 0)
+        except (TypeError, ValueError):
+            seconds = 0
+    seconds = max(1, int(math.ceil(seconds)))
+    plan = error.get("plan_type")
+    reset = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + seconds))
+    out = {"retry-after": str(seconds)}
+    if seconds > 60:
+        out["x-should-retry"] = "false"   # do not let Claude Code sit in a retry loop for hours
+    return ProxyError(429, "rate_limit_error",
+                      "The ChatGPT%s usage limit for Codex is reached; it resets in %s (at %s). "
+                      "Wait until then or log in with another account." % (
+                          " " + plan if isinstance(plan, str) and plan else "", human_duration(seconds), reset),
+                      out)
+
+
+def human_duration(seconds):
+    minutes, _ = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return "%d d %d h" % (days, hours)
+    if hours:
+        return "%d h %d min" % (hours, minutes)
+    return "%d min" % max(minutes, 1)
+
+
+# ---------------------------------------------------------------------------
+# HTTP server: the Anthropic side
+# ---------------------------------------------------------------------------
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+               403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
+               413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+               504: "timeout_error", 529: "overloaded_error"}
+PING_EVENT = {"type": "ping"}
+MAX_BODY = 32 * 1024 * 1024     # Anthropic's own limit for /v1/messages
+MODEL_ALIASES = (("claude-opus-5-5", "opus"), ("claude-sonnet-5-5", "sonnet"), ("claude-haiku-5-5", "haiku"))
+CODEX_MODELS = ("gpt-5.5", "gpt-5.4", "gpt-5.4-mini")
+
+
+class ProxyServer(ThreadingHTTPServer):
+    """The proxy: one thread per client connection."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, config, handler=None):
+        self.config = config
+        self.tokens = TokenStore(config.tokens_path)
+        self.codex = CodexClient(config, self.tokens)
+        self.proxy_key = config.proxy_key()
+        if ":" in config.host:
+            self.address_family = socket.AF_INET6
+        ThreadingHTTPServer.__init__(self, (config.host.strip("[]"), config.port), handler or ProxyHandler)
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    """Routes Anthropic API requests; every reply carries a request-id header."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "codex-proxy/" + __version__
+    sys_version = ""
+    request_id = None
+
+    def setup(self):
+        BaseHTTPRequestHandler.setup(self)
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    # -- dispatch ---------------------------------------------------------
+
+    def do_HEAD(self):
+        self._begin()
+        self.send_response(200)
+        self.send_header("request-id", self.request_id)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def _begin(self):
+        self.request_id = "req_" + secrets.token_hex(12)
+        self.sse_started = False
+        self.started_at = time.monotonic()
+
+    def _dispatch(self, method):
+        self._begin()
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        try:
+            if path == "/health" and method == "GET":
+                return self._send_json(200, {"ok": True, "version": __version__,
+                                             "logged_in": self.server.tokens.load() is not None})
+            routes = {"/v1/messages": ("POST", self.handle_messages),
+                      "/v1/messages/count_tokens": ("POST", self.handle_count_tokens),
+                      "/v1/models": ("GET", self.handle_models)}
+            route = routes.get(path)
+            if route is None and path.startswith("/v1/models/"):
+                route = ("GET", lambda: self.handle_model(path[len("/v1/models/"):]))
+            if route is None:
+                raise ProxyError(404, "not_found_error", "No such endpoint: %s %s." % (method, path))
+            if route[0] != method:
+                raise ProxyError(405, "invalid_request_error", "Use %s for %s." % (route[0], path))
+            self._authenticate()
+            route[1]()
+        except ProxyError as exc:
+            self._reply_error(exc)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as exc:   # a bug must not kill the thread or leave the client waiting
+            self.log_error("internal error on %s %s: %s", method, path, describe(exc))
+            self._reply_error(ProxyError(500, "api_error", "Internal proxy error: %s" % describe(exc)))
+
+    def _authenticate(self):
+        given = self.headers.get("x-api-key") or ""
+        bearer = self.headers.get("Authorization") or ""
+        if not given and bearer[:7].lower() == "bearer ":
+            given = bearer[7:].strip()
+        if not hmac.compare_digest(given.encode("utf-8"), self.server.proxy_key.encode("utf-8")):
+            raise ProxyError(401, "authentication_error",
+                             "Missing or wrong proxy key. Set ANTHROPIC_AUTH_TOKEN to the key that "
+                             "`python codex_proxy.py start` printed.")
+
+    def _read_json(self):
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            raise ProxyError(400, "invalid_request_error", "Send the body with a Content-Length header.")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise ProxyError(400, "invalid_request_error", "Content-Length must be a number.")
+        if length <= 0:
+            raise invalid_request("A JSON request body is required.")
+        if length > MAX_BODY:
+            self.close_connection = True
+            raise ProxyError(413, "request_too_large",
+                             "The request body is larger than %d MiB." % (MAX_BODY // 1048576))
+        data = self.rfile.read(length)
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            raise invalid_request("The request body is not valid JSON: %s" % describe(exc))
+
+    # -- routes -----------------------------------------------------------
+
+    def handle_messages(self):
+        body = self._read_json()
+        codex_body, context = translate_request(body, self.headers.items(), self.server.config)
+        payload = json.dumps(codex_body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        self._relay(payload, context, body.get("stream") is True)
+
+    def handle_count_tokens(self):
+        body = self._read_json()
+        codex_body, _ = translate_request(body, self.headers.items(), self.server.config)
+        self._send_json(200, {"input_tokens": estimate_tokens(codex_body)})
+
+    def handle_models(self):
+        models = self._model_list()
+        self._send_json(200, {"data": models, "has_more": False,
+                              "first_id": models[0]["id"] if models else None,
+                              "last_id": models[-1]["id"] if models else None})
+
+    def handle_model(self, model_id):
+        for model in self._model_list():
+            if model["id"] == model_id:
+                return self._send_json(200, model)
+        raise ProxyError(404, "not_found_error", "Unknown model: %s." % model_id)
+
+    def _model_list(self):
+        mapping = self.server.config.models
+        out = [model_entry(alias, "%s (Codex %s)" % (family.title(), mapping[family]))
+               for alias, family in MODEL_ALIASES]
+        for slug in list(CODEX_MODELS) + [split_effort(m)[0] for m in mapping.values()]:
+            if slug not in [m["id"] for m in out]:
+                out.append(model_entry(slug, slug.upper().replace("GPT-", "GPT-") + " (Codex)"))
+        return out
+
+    # -- relaying a turn --------------------------------------------------
+
+    def _relay(self, payload, context, stream):
+        """Send the turn upstream and answer the client, retrying while it has seen nothing."""
+        config = self.server.config
+        attempt = 0
+        while True:
+            translator = ResponseTranslator(context)
+            held = []
+            upstream = None
+            try:
+                upstream = self.server.codex.open(payload, context)
+                for event in upstream.events(config.ping_interval, config.idle_timeout, self._client_alive):
+                    if event is PING:
+                        if self.sse_started:
+                            self._write_event(PING_EVENT)
+                        continue
+                    out = translator.feed(event)
+                    if stream and (self.sse_started or translator.has_output):
+                        # The 200 is held until the upstream produced output, so that
+                        # failures at the start become real HTTP errors.
+                        if not self.sse_started:
+                            self._start_sse()
+                            out, held = held + out, []
+                        for item in out:
+                            self._write_event(item)
+                    else:
+                        held.extend(out)
+                    if translator.finished:
+                        break
+                if not translator.finished:
+                    raise UpstreamBroken("The Codex backend ended the stream before the reply was complete.")
+            except UpstreamBroken as exc:
+                error = ProxyError(500, "api_error", str(exc), retryable=True)
+            except ProxyError as exc:
+                error = exc
+            except (ClientGone, OSError):
+                if upstream is not None:
+                    upstream.abort()
+                self.close_connection = True
+                return
+            else:
+                if upstream is not None and not upstream.response.isclosed():
+                    upstream.abort()   # stopped early (stop sequence): the rest is not wanted
+                if stream:
+                    self._end_sse()
+                else:
+                    self._send_json(200, fold_message(held))
+                return
+            if upstream is not None:
+                upstream.abort()
+            if error.retryable and not self.sse_started and attempt < config.retries:
+                attempt += 1
+                time.sleep(config.retry_delay * (2 ** (attempt - 1)) * random.uniform(0.9, 1.1))
+                continue
+            if self.sse_started:
+                self._write_event(error.event())
+                self._end_sse(close=True)
+            else:
+                self._reply_error(error)
+            return
+
+    def _client_alive(self):
+        """False once the client has closed its end (readable with nothing to read)."""
+        try:
+            readable = select_readable(self.connection)
+            return not readable or self.connection.recv(1, socket.MSG_PEEK) != b""
+        except OSError:
+            return False
+
+    # -- writing ----------------------------------------------------------
+
+    def _start_sse(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("request-id", self.request_id)
+        self.end_headers()
+        self.sse_started = True
+
+    def _write_event(self, event):
+        """The one place an SSE event is written: one chunk, sent at once."""
+        data = ("event: %s\ndata: %s\n\n" % (
+            event["type"], json.dumps(event, ensure_ascii=False, separators=(",", ":")))).encode("utf-8")
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def _end_sse(self, close=False):
+        self.wfile.write(b"0\r\n\r\n")
+        if close:
+            self.close_connection = True
+
+    def _send_json(self, status, doc, headers=None):
+        data = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("request-id", self.request_id)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _reply_error(self, error):
+        if self.sse_started:   # too late for a status: say it in the stream
+            self._write_event(error.event())
+            self._end_sse(close=True)
+            return
+        self._send_json(error.status, error.body(self.request_id), error.headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """Malformed requests caught by http.server also get Anthropic's error shape."""
+        self.request_id = self.request_id or "req_" + secrets.token_hex(12)
+        self.sse_started = False
+        self.close_connection = True
+        error_type = ERROR_TYPES.get(code, "api_error" if code >= 500 else "invalid_request_error")
+        if self.command == "HEAD":
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self._send_json(code, ProxyError(code, error_type, message or "Bad request.").body(self.request_id))
+
+    def log_message(self, fmt, *args):
+        if self.server.config.verbose:
+            sys.stderr.write("%s %s\n" % (time.strftime("%H:%M:%S"), fmt % args))
+
+    def log_error(self, fmt, *args):
+        sys.stderr.write("%s error: %s\n" % (time.strftime("%H:%M:%S"), fmt % args))
+
+
+def select_readable(sock):
+    import select
+    return select.select([sock], [], [], 0)[0]
+
+
+def model_entry(model_id, display_name):
+    return {"type": "model", "id": model_id, "display_name": display_name,
+            "created_at": "2026-01-01T00:00:00Z", "max_input_tokens": DEFAULT_CONTEXT_WINDOW}
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def cmd_start(args):
+    config = Config()
+    if args.host:
+        config.host = args.host
+    if args.port is not None:
+        config.port = args.port
+    config.verbose = args.verbose
+    try:
+        server = ProxyServer(config)
+    except OSError as exc:
+        if exc.errno in (98, 48, 10048):   # EADDRINUSE on Linux, macOS, Windows
+            sys.stderr.write("Port %d is already in use. Stop the other process or pick another port "
+                             "with --port.\n" % config.port)
+        else:
+            sys.stderr.write("Cannot listen on %s:%d (%s).\n" % (config.host, config.port, describe(exc)))
+        return 1
+    doc = server.tokens.load()
+    print("codex-proxy %s listening on %s" % (__version__, server.url))
+    if doc:
+        print("ChatGPT login: %s" % config.tokens_path)
+    else:
+        print("Not logged in yet: run `python codex_proxy.py login` before the first request.")
+    print("Models: " + ", ".join("%s -> %s" % item for item in sorted(config.models.items())))
+    print("\nPaste these lines into the shell where you run claude:\n")
+    print("  export ANTHROPIC_BASE_URL=%s" % server.url)
+    print("  export ANTHROPIC_AUTH_TOKEN=%s" % server.proxy_key)
+    print("  export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1\n")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="codex_proxy.py",
+        description="Serve the Anthropic Messages API on loopback, backed by your ChatGPT subscription.")
+    parser.add_argument("--version", action="version", version="codex-proxy " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    start = commands.add_parser("start", help="run the proxy", description="Run the proxy in the foreground.")
+    start.add_argument("--host", help="address to listen on (CODEX_PROXY_HOST, default 127.0.0.1)")
+    start.add_argument("--port", type=int, help="port to listen on (CODEX_PROXY_PORT, default %d)" % DEFAULT_PORT)
+    start.add_argument("--verbose", action="store_true", help="log one line per request to stderr")
+    start.set_defaults(func=cmd_start)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
