@@ -1278,6 +1278,10 @@ class CodexStream:
                 self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for event in read_sse(self.response):
                 self._queue.put(event)
+        except socket.timeout:
+            self.conn.close()
+            self._queue.put(UpstreamBroken(idle_message(self.client.config.idle_timeout)))
+            return
         except (OSError, http.client.HTTPException, ValueError) as exc:
             self.conn.close()
             self._queue.put(UpstreamBroken("The connection to the Codex backend broke (%s)." % describe(exc)))
@@ -1300,7 +1304,7 @@ class CodexStream:
                 if client_alive is not None and not client_alive():
                     raise ClientGone()
                 if now - last_event >= idle_timeout:
-                    raise UpstreamBroken("The Codex backend sent nothing for %d seconds." % idle_timeout)
+                    raise UpstreamBroken(idle_message(idle_timeout))
                 if now - last_beat >= ping_interval:
                     last_beat = now
                     yield PING
@@ -1321,6 +1325,10 @@ class CodexStream:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def idle_message(seconds):
+    return "The Codex backend sent nothing for %g seconds." % seconds
 
 
 def read_sse(response):

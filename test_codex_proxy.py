@@ -399,6 +399,20 @@ class FakeCodex:
         handler.end_headers()
         handler.wfile.write(data)
 
+    def stall(self, connection, reply):
+        """Send nothing until released; note it when the proxy hangs up on us."""
+        import select
+        deadline = time.monotonic() + 30
+        while not reply.release.is_set() and time.monotonic() < deadline:
+            if select.select([connection], [], [], 0.05)[0]:
+                try:
+                    if connection.recv(1, socket.MSG_PEEK) == b"":
+                        reply.client_left.set()
+                        return
+                except OSError:
+                    reply.client_left.set()
+                    return
+
     def stream(self, handler, reply):
         handler.send_response(200)
         handler.send_header("Content-Type", "text/event-stream")
@@ -414,7 +428,7 @@ class FakeCodex:
                     handler.close_connection = True
                     return
                 if reply.stall_after == n:
-                    reply.release.wait(30)
+                    self.stall(handler.connection, reply)
                     handler.close_connection = True
                     return
                 if reply.gate_after == n:
@@ -644,3 +658,897 @@ def user(text):
 
 
 BASIC = {"model": "claude-opus-4-8", "max_tokens": 1024, "messages": [user("hi")]}
+
+
+def translate(body, headers=None, **settings):
+    config = make_config(tempfile.gettempdir(), "http://127.0.0.1:9/backend-api/codex", **settings)
+    return cp.translate_request(body, headers or {}, config)
+
+
+BASH_TOOL = {"name": "Bash", "description": "Run a command",
+             "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+                              "properties": {"command": {"type": "string"}}, "required": ["command"]}}
+
+
+# ---------------------------------------------------------------------------
+# Request translation (pure functions)
+# ---------------------------------------------------------------------------
+
+class TestRequestTranslation(unittest.TestCase):
+
+    def test_required_fields_always_present_and_rejected_fields_never(self):
+        body = dict(BASIC, temperature=0.2, top_p=0.9, top_k=5, metadata={"user_id": "u"},
+                    stop_sequences=["END"], max_tokens=64000, service_tier="auto",
+                    context_management={"edits": []}, speed="fast")
+        codex, _ = translate(body)
+        self.assertIs(codex["store"], False)
+        self.assertIs(codex["stream"], True)
+        self.assertEqual(codex["include"], ["reasoning.encrypted_content"])
+        self.assertEqual(codex["instructions"], "")
+        self.assertIsInstance(codex["input"], list)
+        for key in ("tool_choice", "parallel_tool_calls", "reasoning", "prompt_cache_key"):
+            self.assertIn(key, codex)
+        for key in FORBIDDEN_FIELDS:
+            self.assertNotIn(key, codex)
+        self.assertIsNone(codex_request_problem(codex, set()))
+
+    def test_billing_header_dropped_and_system_becomes_developer_message(self):
+        body = dict(BASIC, system=[
+            {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.331.471; cc_entrypoint=sdk-cli;"},
+            {"type": "text", "text": "You are a Claude agent.", "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": "Main prompt."}])
+        codex, _ = translate(body)
+        self.assertEqual(codex["input"][0], {"type": "message", "role": "developer", "content": [
+            {"type": "input_text", "text": "You are a Claude agent."}, {"type": "input_text", "text": "Main prompt."}]})
+        self.assertNotIn("billing-header", json.dumps(codex))
+        self.assertEqual(translate(dict(BASIC, system="Be brief."))[0]["input"][0]["content"],
+                         [{"type": "input_text", "text": "Be brief."}])
+
+    def test_system_role_messages_become_developer_messages_in_place(self):
+        body = dict(BASIC, messages=[user("one"), {"role": "system", "content": "env info",
+                                                   "output_config": {"effort": "high"}},
+                                     {"role": "system", "content": []}, user("two")])
+        codex, _ = translate(body)
+        self.assertEqual([(i["role"], i["content"][0]["text"]) for i in codex["input"]],
+                         [("user", "one"), ("developer", "env info"), ("user", "two")])
+        self.assertEqual(codex["reasoning"]["effort"], "high", "per-message output_config.effort counts")
+
+    def test_string_content_equals_text_block(self):
+        a, _ = translate(dict(BASIC, messages=[user("hello")]))
+        b, _ = translate(dict(BASIC, messages=[{"role": "user", "content": [{"type": "text", "text": "hello"}]}]))
+        self.assertEqual(a["input"], b["input"])
+
+    def test_images_documents_and_text_documents(self):
+        content = [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0K"}},
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/a.jpg"}},
+            {"type": "document", "title": "spec.pdf",
+             "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0x"}},
+            {"type": "document", "title": "Notes", "source": {"type": "text", "media_type": "text/plain", "data": "n1"}},
+            {"type": "text", "text": "describe"}]
+        codex, _ = translate(dict(BASIC, messages=[{"role": "user", "content": content}]))
+        self.assertEqual(codex["input"][0]["content"], [
+            {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0K", "detail": "auto"},
+            {"type": "input_image", "image_url": "https://example.com/a.jpg", "detail": "auto"},
+            {"type": "input_file", "filename": "spec.pdf", "file_data": "data:application/pdf;base64,JVBERi0x"},
+            {"type": "input_text", "text": "Notes\n\nn1"},
+            {"type": "input_text", "text": "describe"}])
+
+    def test_tool_use_and_tool_result_become_function_call_items(self):
+        body = claude_code_body("03-tool-turn2-request.json")
+        codex, _ = translate(body)
+        kinds = [(i["type"], i.get("role")) for i in codex["input"]]
+        self.assertEqual(kinds[-3:], [("message", "assistant"), ("function_call", None), ("function_call_output", None)])
+        call, output = codex["input"][-2], codex["input"][-1]
+        self.assertEqual(call, {"type": "function_call", "call_id": "toolu_capture_002", "name": "Bash",
+                                "arguments": json.dumps({"command": "echo hello-from-tool",
+                                                         "description": "Echo a marker string"},
+                                                        separators=(",", ":"))})
+        self.assertEqual(output, {"type": "function_call_output", "call_id": "toolu_capture_002",
+                                  "output": "hello-from-tool"})
+        self.assertIsNone(codex_request_problem(codex, set()))
+
+    def test_tool_result_error_and_images_reach_the_model(self):
+        tail = json.loads(fixture("claude-code", "20-tool-error-result.json").read_text())["messages_tail"]
+        codex, _ = translate(dict(BASIC, messages=[user("go")] + tail))
+        self.assertEqual(codex["input"][-1]["output"],
+                         "[tool error]\nExit code 3\nls: cannot access '/nonexistent-dir': No such file or directory\nto-stdout")
+        image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
+        codex, _ = translate(dict(BASIC, messages=[
+            user("go"), {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Shot", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                          "content": [{"type": "text", "text": "screen:"}, image]}]}]))
+        self.assertEqual(codex["input"][-1]["output"], [
+            {"type": "input_text", "text": "screen:"},
+            {"type": "input_image", "image_url": "data:image/png;base64,AAAA", "detail": "auto"}])
+
+    def test_parallel_tool_results_in_any_order_pair_by_call_id(self):
+        tail = json.loads(fixture("claude-code", "21-parallel-tools-permission-denied.json").read_text())["messages_tail"]
+        codex, _ = translate(dict(BASIC, messages=[user("go")] + tail))
+        calls = [i["call_id"] for i in codex["input"] if i["type"] == "function_call"]
+        outputs = [i["call_id"] for i in codex["input"] if i["type"] == "function_call_output"]
+        self.assertEqual(sorted(calls), sorted(outputs))
+        self.assertEqual(outputs, ["toolu_capture_002_1", "toolu_capture_002_0", "toolu_capture_002_2"])
+        self.assertIsNone(codex_request_problem(codex, set()))
+
+    def test_tool_reference_and_unknown_blocks_become_short_text(self):
+        tail = json.loads(fixture("claude-code", "32-toolsearch-tool-reference.json").read_text())["messages_tail"]
+        codex, _ = translate(dict(BASIC, messages=[user("go")] + tail + [
+            {"role": "assistant", "content": [{"type": "mystery_block", "x": 1}]},
+            {"role": "user", "content": [{"type": "container_upload", "file_id": "f"}]}]))
+        self.assertEqual(codex["input"][3]["output"], "Tool loaded: WebFetch\nTool loaded: NotebookEdit")
+        self.assertEqual(codex["input"][4]["content"], [{"type": "input_text", "text": "Tool loaded."}])
+        self.assertEqual(codex["input"][5]["content"][0]["text"], "[mystery_block block omitted]")
+        self.assertEqual(codex["input"][6]["content"][0]["text"], "[container_upload block omitted]")
+        self.assertIsNone(codex_request_problem(codex, set()))
+
+    def test_orphan_tool_output_and_missing_output_are_repaired(self):
+        body = dict(BASIC, messages=[
+            user("start"),
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "gone", "content": "old result"}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "a", "name": "Bash", "input": {}},
+                                              {"type": "tool_use", "id": "b", "name": "Bash", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a", "content": "A"},
+                                         {"type": "tool_result", "tool_use_id": "a", "content": "again"},
+                                         {"type": "text", "text": "next"}]}])
+        codex, _ = translate(body)
+        self.assertIsNone(codex_request_problem(codex, set()))
+        summary = [(i["type"], i.get("call_id"), i.get("output") if i["type"] != "message" else i["content"][-1]["text"])
+                   for i in codex["input"]]
+        self.assertEqual(summary, [
+            ("message", None, "start"),
+            ("message", None, "old result"),
+            ("function_call", "a", None), ("function_call", "b", None),
+            ("function_call_output", "b", cp.MISSING_OUTPUT),
+            ("function_call_output", "a", "A"),
+            ("message", None, "next")])
+
+    def test_tools_become_functions_without_client_only_fields(self):
+        tools = [dict(BASH_TOOL, cache_control={"type": "ephemeral"}, eager_input_streaming=True),
+                 {"name": "DeferredToolPlaceholder", "description": "d", "defer_loading": True,
+                  "input_schema": {"type": "object"}},
+                 {"type": "code_execution_20250825", "name": "code_execution"}]
+        codex, _ = translate(dict(BASIC, tools=tools))
+        self.assertEqual(codex["tools"], [
+            {"type": "function", "name": "Bash", "description": "Run a command", "strict": False,
+             "parameters": {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}},
+            {"type": "function", "name": "DeferredToolPlaceholder", "description": "d", "strict": False,
+             "parameters": {"type": "object", "properties": {}}}])
+        self.assertIsNone(codex_request_problem(codex, set()))
+
+    def test_tool_choice_and_parallel_flag(self):
+        tools = [BASH_TOOL]
+        cases = [(None, "auto", True), ({"type": "auto"}, "auto", True), ({"type": "any"}, "required", True),
+                 ({"type": "tool", "name": "Bash"}, {"type": "function", "name": "Bash"}, True),
+                 ({"type": "none"}, "none", True),
+                 ({"type": "auto", "disable_parallel_tool_use": True}, "auto", False)]
+        for choice, expected, parallel in cases:
+            codex, _ = translate(dict(BASIC, tools=tools, tool_choice=choice))
+            self.assertEqual((codex["tool_choice"], codex["parallel_tool_calls"]), (expected, parallel), choice)
+        codex, _ = translate(dict(BASIC, tools=[], tool_choice={"type": "any"}))
+        self.assertEqual((codex["tool_choice"], codex["parallel_tool_calls"]), ("auto", False))
+
+    def test_effort_from_output_config_budget_and_thinking_type(self):
+        cases = [({}, "medium"), ({"output_config": {"effort": "low"}}, "low"),
+                 ({"output_config": {"effort": "max"}}, "xhigh"),
+                 ({"thinking": {"type": "enabled", "budget_tokens": 2000}}, "low"),
+                 ({"thinking": {"type": "enabled", "budget_tokens": 8000}}, "medium"),
+                 ({"thinking": {"type": "enabled", "budget_tokens": 31999}}, "high"),
+                 ({"thinking": {"type": "enabled", "budget_tokens": 64000}}, "xhigh"),
+                 ({"thinking": {"type": "adaptive"}}, "medium"),
+                 ({"thinking": {"type": "disabled"}}, "low"),
+                 ({"thinking": {"type": "adaptive"}, "output_config": {"effort": "high"}}, "high")]
+        for extra, effort in cases:
+            codex, _ = translate(dict(BASIC, **extra))
+            self.assertEqual(codex["reasoning"]["effort"], effort, extra)
+
+    def test_reasoning_summary_only_when_thinking_is_shown(self):
+        for thinking, summary, emits in [({"type": "adaptive", "display": "updates"}, "auto", True),
+                                         ({"type": "enabled", "budget_tokens": 5000}, "auto", True),
+                                         ({"type": "adaptive", "display": "omitted"}, None, True),
+                                         ({"type": "disabled"}, None, False), (None, None, False)]:
+            codex, context = translate(dict(BASIC, thinking=thinking) if thinking else BASIC)
+            self.assertEqual(codex["reasoning"].get("summary"), summary, thinking)
+            self.assertEqual(context.thinking, emits, thinking)
+
+    def test_model_mapping_and_effort_suffix(self):
+        cases = [("claude-opus-5-5", "gpt-5.5", "medium"), ("claude-sonnet-4-5-20250929", "gpt-5.5", "medium"),
+                 ("claude-haiku-5-5", "gpt-5.4-mini", "medium"), ("gpt-5.4", "gpt-5.4", "medium"),
+                 ("gpt-5.5:high", "gpt-5.5", "high"), ("claude-opus-4-8[1m]", "gpt-5.5", "medium"),
+                 ("claude-opus-4-8:xhigh", "gpt-5.5", "xhigh"), ("weird:model", "weird:model", "medium")]
+        for requested, model, effort in cases:
+            codex, context = translate(dict(BASIC, model=requested))
+            self.assertEqual((codex["model"], codex["reasoning"]["effort"]), (model, effort), requested)
+            self.assertEqual(context.requested_model, requested)
+        codex, _ = translate(dict(BASIC, model="claude-haiku-5-5"),
+                             models={"opus": "gpt-5.5", "sonnet": "gpt-5.4", "haiku": "gpt-5.4:low"})
+        self.assertEqual((codex["model"], codex["reasoning"]["effort"]), ("gpt-5.4", "low"))
+
+    def test_prompt_cache_key_sources(self):
+        header = {"X-Claude-Code-Session-Id": "fa4f4945-9578-45b6-9a4b-c524c70d264e"}
+        self.assertEqual(translate(BASIC, header)[0]["prompt_cache_key"], "fa4f4945-9578-45b6-9a4b-c524c70d264e")
+        body = claude_code_body("01-p-text-request.json")
+        self.assertEqual(translate(body)[0]["prompt_cache_key"], "fa4f4945-9578-45b6-9a4b-c524c70d264e")
+        old = dict(BASIC, metadata={"user_id": "user_abc_account_x_session_0f0e0d0c-aaaa-bbbb-cccc-111122223333"})
+        self.assertEqual(translate(old)[0]["prompt_cache_key"], "0f0e0d0c-aaaa-bbbb-cccc-111122223333")
+        agent = translate(BASIC, dict(header, **{"X-Claude-Code-Agent-Id": "a69657"}))[0]["prompt_cache_key"]
+        self.assertNotEqual(agent, header["X-Claude-Code-Session-Id"])
+        self.assertEqual(agent, translate(BASIC, dict(header, **{"X-Claude-Code-Agent-Id": "a69657"}))[0]["prompt_cache_key"])
+        hashed = translate(BASIC)[0]["prompt_cache_key"]
+        self.assertEqual(hashed, translate(dict(BASIC, messages=[user("hi"), {"role": "assistant", "content": "x"},
+                                                                 user("more")]))[0]["prompt_cache_key"])
+        self.assertNotEqual(hashed, translate(dict(BASIC, messages=[user("other")]))[0]["prompt_cache_key"])
+
+    def test_structured_output_becomes_text_format(self):
+        schema = {"type": "object", "properties": {"title": {"type": "string"}}}
+        codex, _ = translate(dict(BASIC, output_config={"format": {"type": "json_schema", "schema": schema}}))
+        self.assertEqual(codex["text"], {"format": {"type": "json_schema", "name": "output", "schema": schema,
+                                                    "strict": False}})
+
+    def test_invalid_bodies_name_the_field(self):
+        cases = [([], "JSON object"), ({"messages": []}, "model: field required"),
+                 ({"model": "m"}, "messages: field required"), ({"model": "m", "messages": "hi"}, "messages: must be a list"),
+                 ({"model": "m", "messages": [3]}, "messages.0: must be an object"),
+                 ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+                 ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+                 ({"model": "m", "messages": [], "tools": {}}, "tools: must be a list")]
+        for body, words in cases:
+            with self.assertRaises(cp.ProxyError) as caught:
+                translate(body)
+            self.assertEqual((caught.exception.status, caught.exception.error_type), (400, "invalid_request_error"))
+            self.assertIn(words, caught.exception.message)
+
+    def test_real_claude_code_requests_translate_and_pass_the_strict_backend(self):
+        names = sorted(p.name for p in fixture("claude-code").glob("*-request.json"))
+        self.assertGreaterEqual(len(names), 12)
+        for name in names:
+            body = claude_code_body(name)
+            if not isinstance(body, dict) or "messages" not in body:
+                continue
+            with self.subTest(fixture=name):
+                codex, context = translate(body)
+                self.assertIsNone(codex_request_problem(codex, set()), name)
+                self.assertNotIn("x-anthropic-billing-header", json.dumps(codex))
+                self.assertEqual(context.requested_model, body["model"])
+
+
+class TestToolNames(unittest.TestCase):
+
+    def test_long_and_invalid_tool_names_are_shortened_and_mapped_back(self):
+        long_name = "mcp__a_very_long_server_name_for_testing__" + "and_a_tool_name_that_goes_on" * 2
+        odd_name = "my.tool/with spaces"
+        tools = [dict(BASH_TOOL, name=long_name), dict(BASH_TOOL, name=odd_name), BASH_TOOL]
+        codex, context = translate(dict(BASIC, tools=tools))
+        sent = [t["name"] for t in codex["tools"]]
+        self.assertEqual(sent[2], "Bash")
+        for name in sent:
+            self.assertRegex(name, r"^[a-zA-Z0-9_-]{1,64}$")
+        self.assertTrue(sent[0].startswith("mcp__a_very_long_se"), sent[0])
+        self.assertTrue(sent[0].endswith("tool_name_that_goes_on"), sent[0])
+        self.assertEqual(sent, [t["name"] for t in translate(dict(BASIC, tools=tools))[0]["tools"]], "stable")
+        turn = Turn().tool_call(sent[0], {"command": "ls"}).tool_call(sent[1], {"command": "pwd"})
+        events, message = translate_events(self, turn.completed(), context)
+        self.assertEqual([b["name"] for b in message["content"]], [long_name, odd_name])
+        history = dict(BASIC, tools=tools, messages=[user("go"), {"role": "assistant", "content": message["content"]},
+                                                     {"role": "user", "content": [
+                                                         {"type": "tool_result", "tool_use_id": b["id"], "content": "ok"}
+                                                         for b in message["content"]]}])
+        codex, _ = translate(history)
+        self.assertEqual([i["name"] for i in codex["input"] if i["type"] == "function_call"], sent[:2])
+        self.assertIsNone(codex_request_problem(codex, set()))
+
+    def test_odd_tool_use_ids_are_made_valid_consistently(self):
+        bad = "toolu:with/odd chars"
+        codex, _ = translate(dict(BASIC, messages=[
+            user("x"), {"role": "assistant", "content": [{"type": "tool_use", "id": bad, "name": "Bash", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": bad, "content": "ok"}]}]))
+        call, output = codex["input"][1], codex["input"][2]
+        self.assertEqual(call["call_id"], output["call_id"])
+        self.assertRegex(call["call_id"], r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+# ---------------------------------------------------------------------------
+# Stream translation (the reducer, pure)
+# ---------------------------------------------------------------------------
+
+class TestStreamTranslation(unittest.TestCase):
+
+    def test_recorded_reasoning_and_function_call_stream(self):
+        upstream = upstream_events_from_file(fixture("responses", "platform_responses_stream_reasoning_function_call.sse"))
+        events, message = translate_events(self, upstream)
+        self.assertEqual([b["type"] for b in message["content"]], ["thinking", "tool_use"])
+        thinking, call = message["content"]
+        done = [e for e in upstream if e["type"] == "response.output_item.done"]
+        self.assertEqual(thinking["signature"], cp.thinking_signature("gpt-5.5", done[0]["item"]["encrypted_content"]))
+        self.assertNotEqual(done[0]["item"]["encrypted_content"], upstream[2]["item"]["encrypted_content"],
+                            "the done blob differs from the added one, and the done one is kept")
+        self.assertEqual(call, {"type": "tool_use", "id": "call_5dp5Uj0Loqn1YcyIpqSq6sLX", "name": "get_weather",
+                                "input": {"location": "New York City, USA"}})
+        deltas = [e for e in events if e["type"] == "content_block_delta" and e["index"] == 1]
+        self.assertEqual(len(deltas), 12, "arguments stream as they arrive, one delta per upstream delta")
+        self.assertEqual(message["stop_reason"], "tool_use")
+        usage = upstream[-1]["response"]["usage"]
+        self.assertEqual(message["usage"], {"input_tokens": usage["input_tokens"], "output_tokens": usage["output_tokens"],
+                                            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0})
+
+    def test_recorded_text_stream(self):
+        upstream = upstream_events_from_file(fixture("responses", "platform_responses_stream_text_after_tool_output.sse"))
+        events, message = translate_events(self, upstream)
+        self.assertEqual(message["content"], [{"type": "text", "text": "Current weather in New York City, USA: Sunny."}])
+        self.assertEqual(message["stop_reason"], "end_turn")
+        self.assertEqual(sum(1 for e in events if e["type"] == "content_block_delta"), 11)
+        self.assertEqual(message["usage"]["input_tokens"], 114)
+
+    def test_codex_cli_fixture_with_only_done_items(self):
+        upstream = upstream_events_from_file(fixture("responses", "codex_cli_responses_fixture_synthetic.sse"))
+        _, message = translate_events(self, upstream)
+        self.assertEqual(message["content"], [{"type": "text", "text": "fixture hello"}])
+        self.assertEqual(message["stop_reason"], "end_turn")
+
+    def test_arguments_come_from_the_done_item_when_no_deltas_arrive(self):
+        turn = Turn().tool_call("Bash", {"command": "echo 1"}, deltas=False)
+        events, message = translate_events(self, turn.completed())
+        self.assertEqual(message["content"][0]["input"], {"command": "echo 1"})
+        self.assertEqual([e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"],
+                         ['{"command": "echo 1"}'])
+
+    def test_items_only_in_the_completed_snapshot_are_emitted(self):
+        turn = Turn()
+        turn.output.append({"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "Bash",
+                            "arguments": '{"command":"x"}', "status": "completed"})
+        _, message = translate_events(self, turn.completed())
+        self.assertEqual(message["content"], [{"type": "tool_use", "id": "call_1", "name": "Bash",
+                                               "input": {"command": "x"}}])
+        self.assertEqual(message["stop_reason"], "tool_use")
+
+    def test_parallel_tool_calls_keep_call_ids(self):
+        turn = Turn().text("Running both.").tool_call("Bash", {"command": "a"}, call_id="call_A") \
+                     .tool_call("Read", {"file_path": "/b"}, call_id="call_B")
+        _, message = translate_events(self, turn.completed())
+        self.assertEqual([(b["type"], b.get("id")) for b in message["content"]],
+                         [("text", None), ("tool_use", "call_A"), ("tool_use", "call_B")])
+        self.assertEqual(message["content"][2]["input"], {"file_path": "/b"})
+
+    def test_interleaved_items_are_serialized_one_block_at_a_time(self):
+        add = lambda i, item: {"type": "response.output_item.added", "output_index": i, "item": item}
+        done = lambda i, item: {"type": "response.output_item.done", "output_index": i, "item": item}
+        a = {"id": "fc_a", "type": "function_call", "call_id": "call_a", "name": "Bash", "arguments": '{"command":"a"}'}
+        b = {"id": "fc_b", "type": "function_call", "call_id": "call_b", "name": "Bash", "arguments": '{"command":"b"}'}
+        arg = lambda i, d: {"type": "response.function_call_arguments.delta", "output_index": i, "delta": d}
+        upstream = [add(0, dict(a, arguments="")), add(1, dict(b, arguments="")), arg(1, '{"command":'),
+                    arg(0, '{"command":'), arg(1, '"b"}'), arg(0, '"a"}'), done(1, b), done(0, a),
+                    {"type": "response.completed", "response": {"usage": {}}}]
+        _, message = translate_events(self, upstream)
+        self.assertEqual([(b["id"], b["input"]) for b in message["content"]],
+                         [("call_a", {"command": "a"}), ("call_b", {"command": "b"})])
+
+    def test_whitespace_only_text_is_never_a_block(self):
+        _, message = translate_events(self, Turn().text("  \n ").tool_call("Bash", {}).completed())
+        self.assertEqual([b["type"] for b in message["content"]], ["tool_use"])
+        _, message = translate_events(self, Turn().text("\n\nHello").completed())
+        self.assertEqual(message["content"], [{"type": "text", "text": "\n\nHello"}])
+
+    def test_usage_reports_cached_tokens_apart(self):
+        _, message = translate_events(self, Turn().text("ok").completed(input_tokens=1000, cached=800, output_tokens=42))
+        self.assertEqual(message["usage"], {"input_tokens": 200, "cache_read_input_tokens": 800,
+                                            "cache_creation_input_tokens": 0, "output_tokens": 42})
+
+    def test_stop_reasons(self):
+        cases = [(Turn().text("partial").incomplete("max_output_tokens"), "max_tokens"),
+                 (Turn().text("partial").incomplete("content_filter"), "refusal"),
+                 (Turn().text("done").completed(), "end_turn"),
+                 (Turn().tool_call("Bash", {}).completed(), "tool_use")]
+        for upstream, stop in cases:
+            _, message = translate_events(self, upstream)
+            self.assertEqual(message["stop_reason"], stop)
+        refusal = Turn()
+        refusal.add("response.output_item.added", output_index=0, item={"id": "msg_r", "type": "message", "content": []})
+        refusal.add("response.refusal.delta", output_index=0, item_id="msg_r", delta="I can't help with that.")
+        refusal.add("response.output_item.done", output_index=0, item={"id": "msg_r", "type": "message", "content": [
+            {"type": "refusal", "refusal": "I can't help with that."}]})
+        _, message = translate_events(self, refusal.completed())
+        self.assertEqual((message["stop_reason"], message["content"][0]["text"]), ("refusal", "I can't help with that."))
+
+    def test_stop_sequence_cuts_text_across_deltas(self):
+        context = cp.RequestContext("m", "gpt-5.5", {}, False, ["STOP", "##"], "k")
+        upstream = Turn().text("Hello wor", pieces=1)
+        upstream.events[-3:-3] = [{"type": "response.output_text.delta", "output_index": 0, "item_id": "x", "delta": d}
+                                  for d in ["ld ST", "OP and more"]]
+        events, message = translate_events(self, upstream.completed(), context)
+        self.assertEqual(message["content"], [{"type": "text", "text": "Hello world "}])
+        self.assertEqual((message["stop_reason"], message["stop_sequence"]), ("stop_sequence", "STOP"))
+        self.assertEqual(events[-1]["type"], "message_stop")
+        _, message = translate_events(self, Turn().text("no match here #", pieces=5).completed(), context)
+        self.assertEqual((message["content"][0]["text"], message["stop_reason"]), ("no match here #", "end_turn"))
+
+    def test_thinking_blocks_only_when_the_client_asked_for_thinking(self):
+        upstream = Turn().reasoning(["plan"]).text("answer").completed()
+        hidden = cp.RequestContext("m", "gpt-5.5", {}, False, [], "k")
+        _, message = translate_events(self, upstream, hidden)
+        self.assertEqual(message["content"], [{"type": "text", "text": "answer"}])
+        _, message = translate_events(self, Turn().reasoning(["First.", "Second."]).text("a").completed())
+        self.assertEqual(message["content"][0]["thinking"], "First.\n\nSecond.")
+
+    def test_reasoning_without_summary_gives_an_empty_signed_thinking_block(self):
+        turn = Turn().reasoning([], encrypted="gAAAAB-blob").text("hi")
+        _, message = translate_events(self, turn.completed())
+        self.assertEqual(message["content"][0], {"type": "thinking", "thinking": "",
+                                                 "signature": "cxp1:gpt-5.5:gAAAAB-blob"})
+
+    def test_streaming_and_non_streaming_agree(self):
+        upstream = Turn().reasoning(["why"]).text("Here.").tool_call("Bash", {"command": "ls"}).completed(cached=10)
+        events, message = translate_events(self, upstream)
+        self.assertEqual(message["content"][1], {"type": "text", "text": "Here."})
+        self.assertEqual(message["stop_reason"], "tool_use")
+        self.assertEqual(events[-2]["usage"], message["usage"])
+
+    def test_failed_events_raise_the_errors_claude_code_acts_on(self):
+        expected = {"rate_limit_exceeded": (429, "rate_limit_error"),
+                    "context_length_exceeded": (400, "invalid_request_error"),
+                    "insufficient_quota": (429, "rate_limit_error"),
+                    "cyber_policy": (400, "invalid_request_error"),
+                    "invalid_prompt": (400, "invalid_request_error"),
+                    "bio_policy": (400, "invalid_request_error")}
+        lines = fixture("responses", "codex_response_failed_examples.jsonl").read_text().splitlines()
+        for line in lines:
+            event = json.loads(line)
+            code = event["response"]["error"]["code"]
+            translator = cp.ResponseTranslator(cp.RequestContext("m", "gpt-5.5", {}, True, [], "k"))
+            with self.assertRaises(cp.ProxyError) as caught:
+                translator.feed(event)
+            error = caught.exception
+            self.assertEqual((error.status, error.error_type), expected[code], code)
+            self.assertTrue(error.message.strip(), code)
+            if code == "rate_limit_exceeded":
+                self.assertEqual(error.headers["retry-after"], "12")
+            if code == "context_length_exceeded":
+                self.assertRegex(error.message, r"^prompt is too long: \d+ tokens > 272000 maximum$")
+
+
+# ---------------------------------------------------------------------------
+# The server over loopback
+# ---------------------------------------------------------------------------
+
+class TestRoutesAndAuth(ProxyCase):
+
+    def assert_error(self, answer, status, error_type, words=""):
+        self.assertEqual(answer.status, status, answer.body)
+        self.assertEqual(answer.headers["Content-Type"], "application/json")
+        doc = answer.json()
+        self.assertEqual(set(doc), {"type", "error", "request_id"})
+        self.assertEqual((doc["type"], doc["error"]["type"]), ("error", error_type))
+        self.assertEqual(doc["request_id"], answer.headers["request-id"], "7: same id in header and body")
+        self.assertIn(words, doc["error"]["message"])
+        return doc
+
+    def test_beta_query_string_is_ignored(self):
+        for path in ("/v1/messages", "/v1/messages?beta=true"):
+            self.fake.reply(self.fake.turn().text("hi").completed())
+            answer = self.post(BASIC, path=path)
+            self.assertEqual(answer.status, 200)
+            self.assertEqual(answer.json()["content"], [{"type": "text", "text": "hi"}])
+
+    def test_key_as_x_api_key_bearer_or_both(self):
+        for headers, key in [({}, PROXY_KEY), ({"Authorization": "Bearer " + PROXY_KEY}, None),
+                             ({"Authorization": "Bearer " + PROXY_KEY}, PROXY_KEY)]:
+            answer = self.request("GET", "/v1/models", headers=headers, key=key)
+            self.assertEqual(answer.status, 200, headers)
+
+    def test_wrong_or_missing_key_is_refused_and_nothing_is_forwarded(self):
+        for key in (None, "wrong", PROXY_KEY + "x"):
+            answer = self.post(BASIC, key=key)
+            self.assert_error(answer, 401, "authentication_error", "ANTHROPIC_AUTH_TOKEN")
+        self.assertEqual(self.fake.requests, [])
+
+    def test_unknown_beta_flags_and_fields_are_ignored(self):
+        self.fake.reply(self.fake.turn().text("ok").completed())
+        body = dict(BASIC, context_management={"edits": []}, diagnostics={}, speed="fast",
+                    tools=[dict(BASH_TOOL, defer_loading=False, eager_input_streaming=True, strict=True)])
+        answer = self.post(body, headers={"anthropic-beta": "foo-2099-01-01, claude-code-20250219"})
+        self.assertEqual(answer.status, 200, answer.body)
+
+    def test_head_preconnect_answers_200_without_key(self):
+        for path in ("/", "/api/hello"):
+            answer = self.request("HEAD", path, key=None)
+            self.assertEqual((answer.status, answer.body), (200, b""))
+            self.assertTrue(answer.headers["request-id"].startswith("req_"))
+
+    def test_health_reports_version_and_login(self):
+        answer = self.request("GET", "/health", key=None)
+        self.assertEqual(answer.json(), {"ok": True, "version": cp.__version__, "logged_in": True})
+
+    def test_unknown_route_is_404_in_anthropic_shape(self):
+        self.assert_error(self.request("GET", "/v1/nothing"), 404, "not_found_error", "/v1/nothing")
+        self.assert_error(self.request("GET", "/v1/messages"), 405, "invalid_request_error", "POST")
+        self.assert_error(self.request("DELETE", "/v1/messages"), 501, "api_error")
+
+    def test_malformed_bodies_give_400_naming_the_problem(self):
+        cases = [(b"{not json", "not valid JSON"), (b"[1,2]", "JSON object"), (b'{"messages":[]}', "model"),
+                 (b'{"model":"claude-opus-4-8"}', "messages"), (b"\xff\xfe", "not valid JSON"),
+                 (b"[" * 100000 + b"]" * 100000, "not valid JSON")]
+        for raw, words in cases:
+            self.assert_error(self.post(None, raw=raw), 400, "invalid_request_error", words)
+        self.assertEqual(self.fake.requests, [])
+
+    def test_models_list_and_lookup(self):
+        doc = self.request("GET", "/v1/models?limit=1000").json()
+        ids = [m["id"] for m in doc["data"]]
+        self.assertIn("claude-opus-5-5", ids)
+        self.assertIn("gpt-5.5", ids)
+        self.assertEqual((doc["has_more"], doc["first_id"], doc["last_id"]), (False, ids[0], ids[-1]))
+        for model in doc["data"]:
+            self.assertEqual(model["type"], "model")
+            self.assertRegex(model["created_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        self.assertEqual(self.request("GET", "/v1/models/gpt-5.5").json()["id"], "gpt-5.5")
+        self.assert_error(self.request("GET", "/v1/models/nope"), 404, "not_found_error")
+
+    def test_count_tokens_estimates_without_calling_upstream(self):
+        small = self.post(dict(BASIC), path="/v1/messages/count_tokens?beta=true").json()
+        large = self.post(dict(BASIC, messages=[user("word " * 4000)], tools=[BASH_TOOL]),
+                          path="/v1/messages/count_tokens").json()
+        self.assertEqual(set(small), {"input_tokens"})
+        self.assertGreater(large["input_tokens"], 4000)
+        self.assertLess(small["input_tokens"], 50)
+        self.assertEqual(self.fake.requests, [])
+
+    def test_keep_alive_connection_serves_several_requests(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=10)
+        for _ in range(3):
+            self.fake.reply(self.fake.turn().text("again").completed())
+            conn.request("POST", "/v1/messages", json.dumps(dict(BASIC, stream=True)),
+                         {"x-api-key": PROXY_KEY, "Content-Type": "application/json"})
+            response = conn.getresponse()
+            check_stream(self, response.read())
+        conn.close()
+
+
+class TestNotLoggedIn(ProxyCase):
+    logged_in = False
+
+    def test_missing_token_file_says_how_to_log_in(self):
+        answer = self.post(BASIC)
+        self.assertEqual(answer.status, 401)
+        self.assertEqual(answer.json()["error"]["type"], "authentication_error")
+        self.assertIn("python codex_proxy.py login", answer.json()["error"]["message"])
+        self.assertEqual(self.request("GET", "/health", key=None).json()["logged_in"], False)
+
+
+class TestStreaming(ProxyCase):
+    settings = {"ping_interval": 0.2}
+
+    def test_text_reply_streams_valid_events(self):
+        self.fake.reply(self.fake.turn().text("Hello from Codex.", pieces=5).completed())
+        events = self.stream(BASIC)
+        text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
+        self.assertEqual(text, "Hello from Codex.")
+        self.assertEqual(events[0]["message"]["model"], "claude-opus-4-8")
+
+    def test_upstream_request_carries_auth_session_and_codex_headers(self):
+        self.fake.reply(self.fake.turn().text("ok").completed())
+        self.stream(BASIC, headers={"X-Claude-Code-Session-Id": "11111111-2222-3333-4444-555555555555"})
+        headers = self.fake.requests[0]["headers"]
+        self.assertEqual(headers["authorization"], "Bearer " + ACCESS_TOKEN)
+        self.assertEqual(headers["chatgpt-account-id"], ACCOUNT_ID)
+        self.assertEqual(headers["session-id"], "11111111-2222-3333-4444-555555555555")
+        self.assertEqual(headers["originator"], "codex_cli_rs")
+        self.assertTrue(headers["user-agent"].startswith("codex_cli_rs/"))
+        self.assertEqual(headers["accept"], "text/event-stream")
+        self.assertNotIn(PROXY_KEY, json.dumps(self.fake.requests[0]))
+
+    def test_parallel_tool_calls_keep_call_ids(self):
+        turn = self.fake.turn().text("Two at once.").tool_call("Bash", {"command": "echo a"}, call_id="call_A") \
+                   .tool_call("Bash", {"command": "echo b"}, call_id="call_B")
+        self.fake.reply(turn.completed())
+        body = dict(BASIC, tools=[BASH_TOOL])
+        message = cp.fold_message(self.stream(body))
+        uses = [b for b in message["content"] if b["type"] == "tool_use"]
+        self.assertEqual([(b["id"], b["input"]["command"]) for b in uses], [("call_A", "echo a"), ("call_B", "echo b")])
+        self.assertEqual(message["stop_reason"], "tool_use")
+        self.fake.reply(self.fake.turn().text("Both done.").completed())
+        follow = dict(body, messages=body["messages"] + [
+            {"role": "assistant", "content": message["content"]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_B", "content": "b"},
+                                         {"type": "tool_result", "tool_use_id": "call_A", "content": "a"}]}])
+        self.stream(follow)
+        sent = [(i["type"], i.get("call_id"), i.get("output")) for i in self.sent()["input"]
+                if i["type"].startswith("function_call")]
+        self.assertEqual(sent, [("function_call", "call_A", None), ("function_call", "call_B", None),
+                                ("function_call_output", "call_B", "b"), ("function_call_output", "call_A", "a")])
+
+    def test_reasoning_round_trip_replays_encrypted_content(self):
+        turn = self.fake.turn().reasoning(["Check the files first."], encrypted="gAAAAB-secret-1") \
+                   .tool_call("Bash", {"command": "ls"}, call_id="call_1")
+        self.fake.reply(turn.completed())
+        body = dict(BASIC, thinking={"type": "adaptive", "display": "updates"}, tools=[BASH_TOOL])
+        message = cp.fold_message(self.stream(body))
+        thinking = message["content"][0]
+        self.assertEqual(thinking["thinking"], "Check the files first.")
+        self.fake.reply(self.fake.turn().text("Listed.").completed())
+        follow = dict(body, messages=body["messages"] + [
+            {"role": "assistant", "content": message["content"]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "a.txt"}]}])
+        self.stream(follow)
+        reasoning = [i for i in self.sent()["input"] if i["type"] == "reasoning"]
+        self.assertEqual(reasoning, [{"type": "reasoning", "encrypted_content": "gAAAAB-secret-1",
+                                      "summary": [{"type": "summary_text", "text": "Check the files first."}]}])
+
+    def test_foreign_and_redacted_thinking_are_dropped(self):
+        tail = json.loads(fixture("claude-code", "26-thinking-empty-text-long-sig-redacted.json").read_text())["messages_tail"]
+        self.fake.reply(self.fake.turn().text("fine").completed())
+        self.stream(dict(BASIC, thinking={"type": "adaptive"}, messages=[user("go")] + tail))
+        self.assertEqual([i for i in self.sent()["input"] if i["type"] == "reasoning"], [])
+        other_model = cp.thinking_signature("gpt-5.4", "gAAAAB-from-another-model")
+        self.fake.issued.add("gAAAAB-from-another-model")
+        self.fake.reply(self.fake.turn().text("fine").completed())
+        self.stream(dict(BASIC, thinking={"type": "adaptive"}, messages=[user("go"), {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "", "signature": other_model}, {"type": "text", "text": "x"}]}, user("more")]))
+        self.assertEqual([i for i in self.sent()["input"] if i["type"] == "reasoning"], [])
+
+    def test_non_streaming_equals_streaming(self):
+        def upstream():
+            turn = self.fake.turn().reasoning(["r"], encrypted="gAAAAB-same").text("Same answer.") \
+                       .tool_call("Bash", {"command": "x"}, call_id="call_same")
+            return turn.completed(input_tokens=500, cached=300, output_tokens=77)
+        body = dict(BASIC, thinking={"type": "adaptive"}, tools=[BASH_TOOL])
+        self.fake.reply(upstream())
+        streamed = cp.fold_message(self.stream(body))
+        self.fake.reply(upstream())
+        answer = self.post(body)
+        self.assertEqual(answer.status, 200)
+        self.assertEqual(answer.headers["Content-Type"], "application/json")
+        plain = answer.json()
+        self.assertTrue(plain["id"].startswith("msg_"))
+        self.assertNotEqual(plain.pop("id"), streamed.pop("id"))
+        self.assertEqual(plain, streamed)
+
+    def test_each_event_is_flushed_before_the_next_arrives(self):
+        turn = self.fake.turn().text("first second", pieces=2)
+        events = turn.completed()
+        gate_at = next(i for i, e in enumerate(events) if e["type"] == "response.output_text.delta") + 1
+        reply = self.fake.reply(Reply(events=events, gate_after=gate_at))
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=10)
+        conn.request("POST", "/v1/messages", json.dumps(dict(BASIC, stream=True)),
+                      {"x-api-key": PROXY_KEY, "Content-Type": "application/json"})
+        response = conn.getresponse()
+        seen = b""
+        while b"text_delta" not in seen:   # the upstream is held at its gate meanwhile
+            seen += response.read1(65536)
+        self.assertFalse(reply.gate.is_set())
+        reply.gate.set()
+        check_stream(self, seen + response.read())
+        conn.close()
+
+    def test_ping_during_upstream_silence(self):
+        events = self.fake.turn().text("slow answer", pieces=2).completed()
+        first_delta = next(i for i, e in enumerate(events) if e["type"] == "response.output_text.delta")
+        self.fake.reply(Reply(events=events, pause=(first_delta + 1, 1.0)))
+        stream = self.stream(BASIC)
+        kinds = [e["type"] for e in stream]
+        self.assertGreaterEqual(kinds.count("ping"), 2)
+        self.assertEqual(kinds[0], "message_start")
+
+    def test_client_disconnect_closes_the_upstream(self):
+        events = self.fake.turn().text("never finished", pieces=2).completed()
+        reply = self.fake.reply(Reply(events=events, stall_after=len(events) - 2))
+        sock = socket.create_connection(("127.0.0.1", self.proxy.server_address[1]), timeout=10)
+        body = json.dumps(dict(BASIC, stream=True)).encode()
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: %s\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (PROXY_KEY.encode(), len(body), body))
+        received = b""
+        while b"text_delta" not in received:
+            received += sock.recv(65536)
+        started = time.monotonic()
+        sock.close()
+        self.assertTrue(reply.client_left.wait(10), "the proxy closed its upstream connection")
+        self.assertLess(time.monotonic() - started, 2)
+
+
+class TestUpstreamErrors(ProxyCase):
+
+    def error_of(self, answer, status, error_type):
+        self.assertEqual(answer.status, status, answer.body)
+        doc = answer.json()
+        self.assertEqual(doc["error"]["type"], error_type)
+        return doc["error"]["message"]
+
+    def test_usage_limit_becomes_429_with_retry_after(self):
+        recorded = json.loads(fixture("responses", "chatgpt_codex_usage_limit_reached_plus_2026-05-04.json").read_text())
+        self.fake.reply(Reply(status=429, body={"error": recorded["error"]}, headers=recorded["headers"]))
+        answer = self.post(dict(BASIC, stream=True))
+        message = self.error_of(answer, 429, "rate_limit_error")
+        self.assertEqual(answer.headers["retry-after"], "13872")
+        self.assertEqual(answer.headers["x-should-retry"], "false")
+        self.assertIn("plus", message)
+        self.assertIn("3 h 51 min", message)
+        self.assertEqual(len(self.fake.requests), 1, "a usage limit is not retried")
+        free = json.loads(fixture("responses", "chatgpt_codex_http429_body_free_2026-03-28.json").read_text())
+        self.fake.reply(Reply(status=429, body=free))
+        answer = self.post(BASIC)
+        self.error_of(answer, 429, "rate_limit_error")
+        self.assertEqual(answer.headers["retry-after"], "602705")
+
+    def test_context_overflow_becomes_prompt_is_too_long(self):
+        for stream in (True, False):
+            self.fake.reply(self.fake.turn().failed("context_length_exceeded", "Your input exceeds the context window"))
+            answer = self.post(dict(BASIC, stream=stream, messages=[user("x " * 100)]))
+            message = self.error_of(answer, 400, "invalid_request_error")
+            self.assertRegex(message, r"^prompt is too long: \d+ tokens > 272000 maximum$")
+            match = re.search(r"prompt is too long[^0-9]*(\d+)\s*tokens?\s*>\s*(\d+)", message)
+            self.assertGreater(int(match.group(1)), int(match.group(2)))
+
+    def test_overloaded_upstream_becomes_529(self):
+        line = fixture("responses", "codex_http_error_examples.jsonl").read_text().splitlines()[0]
+        recorded = json.loads(line)
+        self.fake.reply(Reply(status=recorded["status"], body=recorded["body"]))
+        self.error_of(self.post(dict(BASIC, stream=True)), 529, "overloaded_error")
+        self.assertEqual(len(self.fake.requests), 1)
+
+    def test_5xx_then_success_is_retried(self):
+        self.fake.reply(Reply(status=500, body={"detail": "boom"}), Reply(status=502, body=b"bad gateway"),
+                        self.fake.turn().text("recovered").completed())
+        events = self.stream(BASIC)
+        self.assertEqual(cp.fold_message(events)["content"], [{"type": "text", "text": "recovered"}])
+        self.assertEqual(len(self.fake.requests), 3)
+
+    def test_5xx_forever_gives_529_after_bounded_retries(self):
+        self.fake.reply(*[Reply(status=500, body={"detail": "down"}) for _ in range(6)])
+        started = time.monotonic()
+        message = self.error_of(self.post(dict(BASIC, stream=True)), 529, "overloaded_error")
+        self.assertIn("HTTP 500", message)
+        self.assertEqual(len(self.fake.requests), self.config.retries + 1)
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_model_not_available_on_the_plan_names_model_and_fix(self):
+        message = self.error_of(self.post(dict(BASIC, model="gpt-5.3-codex")), 400, "invalid_request_error")
+        self.assertIn("gpt-5.3-codex", message)
+        self.assertIn("CODEX_PROXY_OPUS_MODEL", message)
+
+    def test_upstream_401_tells_the_user_to_log_in_again(self):
+        self.fake.reply(Reply(status=401, body={"detail": "Unauthorized"}))
+        message = self.error_of(self.post(BASIC), 401, "authentication_error")
+        self.assertIn("python codex_proxy.py login", message)
+
+    def test_upstream_400_detail_is_shown_and_not_retried(self):
+        self.fake.reply(Reply(status=400, body={"detail": "Unsupported parameter: foo"}))
+        answer = self.post(BASIC)
+        self.assertIn("Unsupported parameter: foo", self.error_of(answer, 400, "invalid_request_error"))
+        self.assertEqual(answer.headers["x-should-retry"], "false")
+
+    def test_failure_after_output_is_one_error_event_and_no_message_stop(self):
+        turn = self.fake.turn().text("partial answer")
+        self.fake.reply(turn.failed("server_is_overloaded", "busy"))
+        events = self.stream(BASIC)
+        self.assertEqual(events[-1], {"type": "error", "error": {"type": "overloaded_error", "message": events[-1]["error"]["message"]}})
+        self.assertNotIn("message_stop", [e["type"] for e in events])
+
+    def test_failure_before_output_in_a_stream_is_an_http_error(self):
+        self.fake.reply(self.fake.turn().failed("server_is_overloaded", "busy"))
+        self.error_of(self.post(dict(BASIC, stream=True)), 529, "overloaded_error")
+
+    def test_unknown_failure_before_output_is_retried(self):
+        self.fake.reply(self.fake.turn().failed("server_error", "oops"), self.fake.turn().text("second try").completed())
+        answer = self.post(BASIC)
+        self.assertEqual(answer.json()["content"][0]["text"], "second try")
+
+    def test_truncated_stream_before_output_is_retried(self):
+        self.fake.reply(Reply(events=self.fake.turn().text("lost").completed(), cut_after=1),
+                        self.fake.turn().text("whole").completed())
+        self.assertEqual(cp.fold_message(self.stream(BASIC))["content"][0]["text"], "whole")
+        self.assertEqual(len(self.fake.requests), 2)
+
+    def test_truncated_stream_after_output_ends_with_an_error_event(self):
+        events = self.fake.turn().text("cut in the middle", pieces=4).completed()
+        first_delta = next(i for i, e in enumerate(events) if e["type"] == "response.output_text.delta")
+        self.fake.reply(Reply(events=events, cut_after=first_delta + 2))
+        stream = self.stream(BASIC)
+        self.assertEqual(stream[-1]["type"], "error")
+        self.assertEqual(stream[-1]["error"]["type"], "api_error")
+        self.assertNotIn("message_stop", [e["type"] for e in stream])
+
+    def test_stream_that_ends_without_completion_is_not_a_success(self):
+        events = self.fake.turn().text("no terminal event").events   # no response.completed
+        self.fake.reply(events, self.fake.turn().text("fine").completed())
+        stream = self.stream(BASIC)
+        self.assertEqual(stream[-1]["type"], "error")
+        answer = self.post(BASIC)
+        self.assertEqual(answer.status, 200, "non-streaming: the broken attempt is retried")
+
+
+class TestUpstreamTimeouts(ProxyCase):
+    settings = {"idle_timeout": 0.6, "ping_interval": 0.2, "retries": 1}
+
+    def test_stall_before_output_is_retried_then_fails_cleanly(self):
+        stalled = [Reply(events=self.fake.turn().text("x").completed(), stall_after=1) for _ in range(2)]
+        self.fake.reply(*stalled)
+        started = time.monotonic()
+        answer = self.post(dict(BASIC, stream=True))
+        self.assertEqual(answer.status, 500)
+        self.assertIn("sent nothing for", answer.json()["error"]["message"])
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(len(self.fake.requests), 2)
+        for reply in stalled:
+            self.assertTrue(reply.client_left.wait(5), "the stalled upstream connection was closed")
+
+    def test_stall_mid_stream_ends_with_an_error_event(self):
+        events = self.fake.turn().text("half", pieces=2).completed()
+        first_delta = next(i for i, e in enumerate(events) if e["type"] == "response.output_text.delta")
+        reply = self.fake.reply(Reply(events=events, stall_after=first_delta + 1))
+        stream = self.stream(BASIC)
+        self.assertEqual(stream[-1]["type"], "error")
+        self.assertIn("ping", [e["type"] for e in stream], "pings kept the client informed meanwhile")
+        self.assertTrue(reply.client_left.wait(5))
+
+
+class TestUpstreamUnreachable(ProxyCase):
+
+    @classmethod
+    def setUpClass(cls):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        cls.dead_port = probe.getsockname()[1]
+        probe.close()
+        ProxyCase.setUpClass.__func__(cls)
+        cls.config.upstream = "http://127.0.0.1:%d/backend-api/codex" % cls.dead_port
+        cls.proxy.codex = cp.CodexClient(cls.config, cls.proxy.tokens)
+
+    def test_connection_refused_is_retried_then_explained(self):
+        started = time.monotonic()
+        answer = self.post(dict(BASIC, stream=True))
+        self.assertEqual(answer.status, 500)
+        doc = answer.json()
+        self.assertEqual(doc["error"]["type"], "api_error")
+        self.assertIn("Cannot reach the Codex backend", doc["error"]["message"])
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(self.request("GET", "/health", key=None).status, 200, "the server keeps serving")
+
+
+def stop_process(process):
+    process.kill()
+    process.communicate()
+
+
+class TestStartCommand(unittest.TestCase):
+
+    def test_start_prints_the_lines_to_paste_and_keeps_the_key_private(self):
+        home = Path(tempfile.mkdtemp(prefix="codex-proxy-start-"))
+        self.addCleanup(shutil.rmtree, str(home), True)
+        env = dict(os.environ, CODEX_PROXY_HOME=str(home))
+        env.pop("CODEX_PROXY_API_KEY", None)
+        process = subprocess.Popen([sys.executable, str(HERE / "codex_proxy.py"), "start", "--port", "0"],
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(stop_process, process)
+        lines = [process.stdout.readline() for _ in range(9)]
+        text = "".join(lines)
+        url = re.search(r"listening on (http://127\.0\.0\.1:\d+)", text).group(1)
+        self.assertIn("export ANTHROPIC_BASE_URL=%s\n" % url, text)
+        self.assertIn("export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1", text)
+        key = re.search(r"export ANTHROPIC_AUTH_TOKEN=(\S+)", text).group(1)
+        key_file = home / "api-key"
+        self.assertEqual(key_file.read_text().strip(), key)
+        self.assertEqual(stat.S_IMODE(key_file.stat().st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(home.stat().st_mode), 0o700)
+        self.assertIn("python codex_proxy.py login", text, "not logged in yet: says what to do")
+        port = int(url.rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/v1/models", headers={"Authorization": "Bearer " + key})
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+
+    def test_port_in_use_is_one_clear_sentence(self):
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        home = tempfile.mkdtemp(prefix="codex-proxy-busy-")
+        self.addCleanup(shutil.rmtree, home, True)
+        result = subprocess.run([sys.executable, str(HERE / "codex_proxy.py"), "start", "--port",
+                                 str(busy.getsockname()[1])], env=dict(os.environ, CODEX_PROXY_HOME=home),
+                                capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("is already in use", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
