@@ -849,6 +849,7 @@ class ResponseTranslator:
         self.finished = False     # message_stop emitted
         self.tool_use = False
         self.refusal = False
+        self.cut_short = False    # ended by a stop sequence before the upstream finished
         self.output_chars = 0
 
     def feed(self, event):
@@ -974,6 +975,7 @@ class ResponseTranslator:
         self._emit_text(item, text)
         if stop is not None:
             self._close(item)
+            self.cut_short = True
             self._message_end("stop_sequence", stop, None)
 
     def _emit_text(self, item, text):
@@ -1239,6 +1241,12 @@ class CodexClient:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=self.config.connect_timeout)
         return conn, False
 
+    def close_idle(self):
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
     def release(self, conn):
         if conn.sock is None:
             return
@@ -1269,9 +1277,16 @@ class CodexStream:
         self.headers = response.headers
         self._queue = queue.Queue()
         self._aborted = False
+        self._done = threading.Event()
         threading.Thread(target=self._pump, name="codex-stream", daemon=True).start()
 
     def _pump(self):
+        try:
+            self._read()
+        finally:
+            self._done.set()
+
+    def _read(self):
         try:
             if self.conn.sock is not None:
                 self.conn.sock.settimeout(self.client.config.idle_timeout)
@@ -1315,6 +1330,11 @@ class CodexStream:
                 raise item
             last_event = last_beat = time.monotonic()
             yield item
+
+    def finish(self, timeout=1.0):
+        """After the terminal event: let the body end cleanly so the connection is reused."""
+        if not self._done.wait(timeout):
+            self.abort()
 
     def abort(self):
         """Stop reading now; the socket is shut so the reader thread wakes and exits."""
@@ -1640,7 +1660,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                for alias, family in MODEL_ALIASES]
         for slug in list(CODEX_MODELS) + [split_effort(m)[0] for m in mapping.values()]:
             if slug not in [m["id"] for m in out]:
-                out.append(model_entry(slug, slug.upper().replace("GPT-", "GPT-") + " (Codex)"))
+                out.append(model_entry(slug, slug.replace("gpt-", "GPT-") + " (Codex)"))
         return out
 
     # -- relaying a turn --------------------------------------------------
@@ -1685,8 +1705,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             else:
-                if upstream is not None and not upstream.response.isclosed():
-                    upstream.abort()   # stopped early (stop sequence): the rest is not wanted
+                if translator.cut_short:
+                    upstream.abort()   # a stop sequence matched: the rest is not wanted
+                else:
+                    upstream.finish()
                 if stream:
                     self._end_sse()
                 else:
@@ -1788,13 +1810,19 @@ def model_entry(model_id, display_name):
 # Command line
 # ---------------------------------------------------------------------------
 
-def cmd_start(args):
+def config_from_args(args):
+    """Flags win over the environment, which wins over defaults."""
     config = Config()
-    if args.host:
+    if getattr(args, "host", None):
         config.host = args.host
-    if args.port is not None:
+    if getattr(args, "port", None) is not None:
         config.port = args.port
-    config.verbose = args.verbose
+    config.verbose = bool(getattr(args, "verbose", False))
+    return config
+
+
+def cmd_start(args):
+    config = config_from_args(args)
     try:
         server = ProxyServer(config)
     except OSError as exc:

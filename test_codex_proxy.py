@@ -1327,6 +1327,26 @@ class TestStreaming(ProxyCase):
         self.assertGreaterEqual(kinds.count("ping"), 2)
         self.assertEqual(kinds[0], "message_start")
 
+    def test_upstream_connection_is_reused_across_turns(self):
+        self.proxy.codex.close_idle()
+        self.fake.reset()
+        for n in range(5):
+            self.fake.reply(self.fake.turn().text("turn %d" % n).completed())
+            self.stream(BASIC)
+        self.fake.reply(self.fake.turn().text("plain").completed())
+        self.assertEqual(self.post(BASIC).status, 200)
+        self.assertEqual(len(self.fake.requests), 6)
+        self.assertEqual(self.fake.connections, 1, "one upstream connection for six sequential turns")
+
+    def test_stop_sequence_ends_the_reply_and_the_upstream_request(self):
+        events = self.fake.turn().text("one two THREE four five", pieces=5).completed()
+        reply = self.fake.reply(Reply(events=events, stall_after=len(events) - 1))
+        stream = self.stream(dict(BASIC, stop_sequences=["THREE"]))
+        message = cp.fold_message(stream)
+        self.assertEqual(message["content"], [{"type": "text", "text": "one two "}])
+        self.assertEqual((message["stop_reason"], message["stop_sequence"]), ("stop_sequence", "THREE"))
+        self.assertTrue(reply.client_left.wait(5), "the rest of the upstream reply was not waited for")
+
     def test_client_disconnect_closes_the_upstream(self):
         events = self.fake.turn().text("never finished", pieces=2).completed()
         reply = self.fake.reply(Reply(events=events, stall_after=len(events) - 2))
@@ -1509,6 +1529,24 @@ def stop_process(process):
 
 
 class TestStartCommand(unittest.TestCase):
+
+    def test_flags_win_over_environment_over_defaults(self):
+        saved = {k: os.environ.pop(k, None) for k in ("CODEX_PROXY_HOST", "CODEX_PROXY_PORT", "CODEX_PROXY_OPUS_MODEL")}
+        self.addCleanup(lambda: [os.environ.__setitem__(k, v) for k, v in saved.items() if v is not None])
+        parser = cp.build_parser()
+        config = cp.config_from_args(parser.parse_args(["start"]))
+        self.assertEqual((config.host, config.port, config.models["opus"]), ("127.0.0.1", 8082, "gpt-5.5"))
+        os.environ.update(CODEX_PROXY_HOST="127.0.0.2", CODEX_PROXY_PORT="9000", CODEX_PROXY_OPUS_MODEL="gpt-5.4:high")
+        self.addCleanup(lambda: [os.environ.pop(k, None) for k in ("CODEX_PROXY_HOST", "CODEX_PROXY_PORT",
+                                                                    "CODEX_PROXY_OPUS_MODEL")])
+        config = cp.config_from_args(parser.parse_args(["start"]))
+        self.assertEqual((config.host, config.port, config.models["opus"]), ("127.0.0.2", 9000, "gpt-5.4:high"))
+        config = cp.config_from_args(parser.parse_args(["start", "--host", "127.0.0.3", "--port", "9001", "--verbose"]))
+        self.assertEqual((config.host, config.port, config.verbose), ("127.0.0.3", 9001, True))
+        os.environ["CODEX_PROXY_PORT"] = "eighty"
+        with self.assertRaises(SystemExit) as caught:
+            cp.Config()
+        self.assertIn("CODEX_PROXY_PORT must be a whole number", str(caught.exception))
 
     def test_start_prints_the_lines_to_paste_and_keeps_the_key_private(self):
         home = Path(tempfile.mkdtemp(prefix="codex-proxy-start-"))
