@@ -75,6 +75,7 @@ __version__ = "0.1.0"
 # ---------------------------------------------------------------------------
 
 DEFAULT_UPSTREAM = "https://chatgpt.com/backend-api/codex"
+DEFAULT_ISSUER = "https://auth.openai.com"
 DEFAULT_PORT = 8082
 CODEX_CLIENT_VERSION = "0.153.0"   # the Codex CLI release whose requests we mirror
 ORIGINATOR = "codex_cli_rs"
@@ -84,6 +85,8 @@ DEFAULT_CONTEXT_WINDOW = 272000    # every current Codex model (catalog 2026-08)
 class Config:
     """Settings for one proxy process: environment first, then overrides."""
 
+    CALLBACK_PORTS = (1455, 1457)   # the only login redirect URIs registered for Codex's client id
+
     def __init__(self, **overrides):
         env = os.environ
         self.host = env.get("CODEX_PROXY_HOST") or "127.0.0.1"
@@ -91,6 +94,9 @@ class Config:
         self.home = Path(env.get("CODEX_PROXY_HOME") or "~/.codex-proxy").expanduser()
         self.upstream = (env.get("CODEX_PROXY_UPSTREAM") or DEFAULT_UPSTREAM).rstrip("/")
         self.api_key = env.get("CODEX_PROXY_API_KEY") or None
+        self.issuer = (env.get("CODEX_PROXY_ISSUER") or DEFAULT_ISSUER).rstrip("/")
+        self.codex_home = Path(env.get("CODEX_HOME") or "~/.codex").expanduser()
+        self.callback_ports = self.CALLBACK_PORTS
         self.models = {
             "opus": env.get("CODEX_PROXY_OPUS_MODEL") or "gpt-5.5",
             "sonnet": env.get("CODEX_PROXY_SONNET_MODEL") or "gpt-5.5",
@@ -112,6 +118,10 @@ class Config:
     @property
     def tokens_path(self):
         return self.home / "tokens.json"
+
+    @property
+    def codex_auth_path(self):
+        return self.codex_home / "auth.json"
 
     def proxy_key(self):
         """The key clients must present: the configured one, else a stored random one."""
@@ -139,12 +149,12 @@ def env_int(name, default):
         raise SystemExit("%s must be a whole number, not %r." % (name, value))
 
 
-def write_private_file(path, text):
-    """Write text atomically with mode 0600 in a 0700 directory."""
+def write_private_file(path, text, mode=0o600):
+    """Write text atomically (temp file + rename) with ``mode``, in a 0700 directory."""
     path = Path(path)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(".%s.%s.tmp" % (path.name, secrets.token_hex(4)))
-    fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -157,66 +167,6 @@ def write_private_file(path, text):
         except OSError:
             pass
         raise
-
-
-# ---------------------------------------------------------------------------
-# Token store
-# ---------------------------------------------------------------------------
-
-def jwt_claims(token):
-    """The payload of a JWT as a dict ({} when it is not a readable JWT)."""
-    try:
-        payload = token.split(".")[1]
-        payload += "=" * (-len(payload) % 4)
-        claims = json.loads(base64.urlsafe_b64decode(payload.encode("ascii")))
-        return claims if isinstance(claims, dict) else {}
-    except (IndexError, ValueError, AttributeError, UnicodeError):
-        return {}
-
-
-class TokenStore:
-    """ChatGPT tokens kept in a file shaped like Codex's own auth.json."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._cached = None
-        self._mtime = None
-
-    def load(self):
-        """The stored {"tokens": {...}} document, or None when there is none."""
-        with self._lock:
-            try:
-                mtime = self.path.stat().st_mtime_ns
-            except OSError:
-                self._cached = self._mtime = None
-                return None
-            if mtime != self._mtime:
-                try:
-                    doc = json.loads(self.path.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    doc = None
-                if not isinstance(doc, dict) or not isinstance(doc.get("tokens"), dict):
-                    doc = None
-                self._cached, self._mtime = doc, mtime
-            return self._cached
-
-    def credentials(self):
-        """(access_token, account_id) for the upstream, or raise ProxyError 401."""
-        doc = self.load()
-        tokens = doc["tokens"] if doc else {}
-        access = tokens.get("access_token")
-        if not isinstance(access, str) or not access:
-            raise ProxyError(401, "authentication_error",
-                             "Not logged in to ChatGPT. Run `python codex_proxy.py login`.")
-        account = tokens.get("account_id")
-        if not account:
-            for token in (tokens.get("id_token"), access):
-                auth = jwt_claims(token or "").get("https://api.openai.com/auth") or {}
-                account = auth.get("chatgpt_account_id")
-                if account:
-                    break
-        return access, account or ""
 
 
 class ProxyError(Exception):
@@ -245,6 +195,449 @@ class ProxyError(Exception):
 
 def invalid_request(message):
     return ProxyError(400, "invalid_request_error", message)
+
+
+# ---------------------------------------------------------------------------
+# Token store
+# ---------------------------------------------------------------------------
+
+def jwt_claims(token):
+    """The payload of a JWT as a dict ({} when it is not a readable JWT)."""
+    try:
+        payload = token.split(".")[1]
+        payload += "=" * (-len(payload) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(payload.encode("ascii")))
+        return claims if isinstance(claims, dict) else {}
+    except (IndexError, ValueError, AttributeError, UnicodeError, TypeError):
+        return {}
+
+
+def token_expiry(token):
+    """The access token's exp (unix seconds), or None."""
+    exp = jwt_claims(token).get("exp")
+    return exp if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+
+
+def account_info(tokens):
+    """email, plan and account id from the id_token claims (falling back to the access token)."""
+    info = {"email": None, "plan": None, "account_id": tokens.get("account_id") or None}
+    for token in (tokens.get("id_token"), tokens.get("access_token")):
+        claims = jwt_claims(token or "")
+        auth = claims.get("https://api.openai.com/auth") if isinstance(claims.get("https://api.openai.com/auth"), dict) else {}
+        profile = claims.get("https://api.openai.com/profile") if isinstance(claims.get("https://api.openai.com/profile"), dict) else {}
+        info["email"] = info["email"] or claims.get("email") or profile.get("email")
+        info["plan"] = info["plan"] or auth.get("chatgpt_plan_type")
+        info["account_id"] = info["account_id"] or auth.get("chatgpt_account_id")
+    return info
+
+
+def chatgpt_tokens(doc):
+    """The tokens object of an auth document that holds a ChatGPT login, else None."""
+    tokens = doc.get("tokens") if isinstance(doc, dict) else None
+    if not isinstance(tokens, dict) or not isinstance(tokens.get("access_token"), str) or not tokens["access_token"]:
+        return None
+    if doc.get("auth_mode") not in (None, "chatgpt", "chatgptAuthTokens"):
+        return None
+    return tokens
+
+
+def read_auth_file(path):
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if chatgpt_tokens(doc) else None
+
+
+class FileLock:
+    """An exclusive lock on ``path + ".lock"``, across processes where fcntl exists.
+
+    The lock lives in a side file because the token file itself is replaced
+    by rename, which would leave waiters holding a lock on the old inode.
+    """
+
+    def __init__(self, path):
+        self.path = str(path) + ".lock"
+        self.fd = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            import fcntl
+        except ImportError:   # Windows: the in-process lock still holds
+            return self
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)   # closing releases the flock
+
+
+class TokenStore:
+    """The ChatGPT login: read, refreshed when due, shared safely with Codex.
+
+    The proxy's own ``tokens.json`` wins; without it, Codex's ``auth.json``
+    is used in place. Refresh tokens are single-use, so a refresh happens
+    under a file lock, after re-reading the file, and only if the token on
+    disk is still the stale one; the result is written back atomically.
+    """
+
+    REFRESH_WINDOW = 300   # refresh when the access token expires within 5 minutes
+
+    def __init__(self, config):
+        self.config = config
+        self._lock = threading.Lock()        # one refresh at a time in this process
+        self._cache = (None, None, None)     # (path, mtime, document)
+        self._dead = None                    # (path, mtime, message) of a refresh that can never work
+
+    @property
+    def path(self):
+        """The token file in use: the proxy's own, else Codex's when it holds a ChatGPT login."""
+        own = self.config.tokens_path
+        if own.exists() or read_auth_file(self.config.codex_auth_path) is None:
+            return own
+        return self.config.codex_auth_path
+
+    @property
+    def shared_with_codex(self):
+        return self.path == self.config.codex_auth_path
+
+    def load(self):
+        """The auth document in use, or None when not logged in."""
+        path = self.path
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            return None
+        cached_path, cached_mtime, doc = self._cache
+        if (cached_path, cached_mtime) != (path, mtime):
+            doc = read_auth_file(path)
+            self._cache = (path, mtime, doc)
+        return doc
+
+    def credentials(self, force_refresh=False):
+        """(access_token, account_id) for the backend, refreshed when due."""
+        doc = self.load()
+        if doc is None:
+            raise ProxyError(401, "authentication_error",
+                             "Not logged in to ChatGPT. Run `python codex_proxy.py login`.")
+        tokens = doc["tokens"]
+        access = tokens["access_token"]
+        expiry = token_expiry(access)
+        if force_refresh or (expiry is not None and expiry - time.time() < self.REFRESH_WINDOW):
+            try:
+                tokens = self.refresh(access)
+            except ProxyError:
+                if force_refresh or expiry is None or expiry <= time.time():
+                    raise
+                # Codex does the same: a failed early refresh keeps the still-valid token.
+        return tokens["access_token"], account_info(tokens)["account_id"] or ""
+
+    def refresh(self, stale_access):
+        """Refresh unless someone else already did; return the current tokens."""
+        with self._lock:
+            path = self.path
+            with FileLock(path):
+                doc = read_auth_file(path)
+                if doc is None:
+                    raise ProxyError(401, "authentication_error",
+                                     "Not logged in to ChatGPT. Run `python codex_proxy.py login`.")
+                tokens = doc["tokens"]
+                expiry = token_expiry(tokens["access_token"])
+                if tokens["access_token"] != stale_access and (expiry is None or expiry - time.time() > 60):
+                    return tokens   # another request or process refreshed meanwhile
+                mtime = path.stat().st_mtime_ns
+                if self._dead and self._dead[:2] == (path, mtime):
+                    raise ProxyError(401, "authentication_error", self._dead[2])
+                try:
+                    fresh = refresh_tokens(self.config, tokens.get("refresh_token"))
+                except RefreshFailed as exc:
+                    if exc.permanent:
+                        self._dead = (path, mtime, str(exc))
+                    raise ProxyError(401, "authentication_error", str(exc))
+                tokens.update({k: v for k, v in fresh.items()
+                               if k in ("id_token", "access_token", "refresh_token") and isinstance(v, str) and v})
+                tokens["account_id"] = account_info(tokens)["account_id"]
+                doc["last_refresh"] = utc_now()
+                mode = stat_mode(path)
+                write_private_file(path, json.dumps(doc, indent=2) + "\n", mode)
+                return tokens
+
+
+def stat_mode(path):
+    try:
+        return os.stat(str(path)).st_mode & 0o777
+    except OSError:
+        return 0o600
+
+
+def utc_now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ---------------------------------------------------------------------------
+# OAuth: sign in with ChatGPT
+# ---------------------------------------------------------------------------
+
+CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"   # the Codex CLI's public client
+SCOPE = "openid profile email offline_access api.connectors.read api.connectors.invoke"
+DEVICE_LOGIN_MINUTES = 15
+PERMANENT_REFRESH_ERRORS = {
+    "refresh_token_reused": "was already used (another program refreshed this login)",
+    "refresh_token_expired": "has expired",
+    "refresh_token_invalidated": "was revoked",
+}
+
+
+class RefreshFailed(Exception):
+    def __init__(self, message, permanent):
+        Exception.__init__(self, message)
+        self.permanent = permanent
+
+
+class LoginError(Exception):
+    """A login that cannot finish; the message says what to do."""
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def oauth_post(url, fields=None, doc=None, timeout=30):
+    """POST a form or JSON document; return (status, parsed JSON or None, raw text)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    if doc is not None:
+        data, kind = json.dumps(doc).encode("utf-8"), "application/json"
+    else:
+        data, kind = urllib.parse.urlencode(fields).encode("ascii"), "application/x-www-form-urlencoded"
+    request = urllib.request.Request(url, data=data, method="POST", headers={
+        "Content-Type": kind, "Accept": "application/json", "originator": ORIGINATOR,
+        "User-Agent": "%s/%s codex-proxy/%s" % (ORIGINATOR, CODEX_CLIENT_VERSION, __version__)})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    except (OSError, ValueError) as exc:
+        raise LoginError("Cannot reach %s (%s). Check your network connection." % (url, describe(exc)))
+    text = raw.decode("utf-8", "replace")
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    return status, parsed if isinstance(parsed, dict) else None, text
+
+
+def oauth_error_code(doc):
+    if not isinstance(doc, dict):
+        return None
+    error = doc.get("error")
+    code = error.get("code") if isinstance(error, dict) else error
+    code = code or doc.get("code")
+    return code.lower() if isinstance(code, str) else None
+
+
+def refresh_tokens(config, refresh_token):
+    """Trade the refresh token for new tokens; raise RefreshFailed."""
+    if not isinstance(refresh_token, str) or not refresh_token:
+        raise RefreshFailed("The saved ChatGPT login has no refresh token. Run `python codex_proxy.py login`.", True)
+    try:
+        status, doc, text = oauth_post(config.issuer + "/oauth/token", doc={
+            "client_id": CLIENT_ID, "grant_type": "refresh_token", "refresh_token": refresh_token})
+    except LoginError as exc:
+        raise RefreshFailed("Could not refresh the ChatGPT login: %s" % exc, False)
+    if status == 200 and doc and isinstance(doc.get("access_token"), str):
+        return doc
+    code = oauth_error_code(doc)
+    if status == 401 or code in PERMANENT_REFRESH_ERRORS:
+        reason = PERMANENT_REFRESH_ERRORS.get(code, "was refused (HTTP %d)" % status)
+        raise RefreshFailed("The ChatGPT login can no longer be refreshed: its refresh token %s. "
+                            "Run `python codex_proxy.py login` to sign in again." % reason, True)
+    raise RefreshFailed("Could not refresh the ChatGPT login (HTTP %d: %s). Try again shortly."
+                        % (status, (text or "no details").strip()[:200]), False)
+
+
+def exchange_code(config, code, redirect_uri, verifier):
+    """Authorization code -> the token document to save."""
+    status, doc, text = oauth_post(config.issuer + "/oauth/token", fields={
+        "grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
+        "client_id": CLIENT_ID, "code_verifier": verifier})
+    if status != 200 or not doc or not all(isinstance(doc.get(k), str) for k in
+                                           ("id_token", "access_token", "refresh_token")):
+        raise LoginError("The token exchange failed (HTTP %d: %s). Run the login again."
+                         % (status, (text or "no details").strip()[:200]))
+    tokens = {k: doc[k] for k in ("id_token", "access_token", "refresh_token")}
+    tokens["account_id"] = account_info(tokens)["account_id"]
+    return {"auth_mode": "chatgpt", "OPENAI_API_KEY": None, "tokens": tokens, "last_refresh": utc_now()}
+
+
+def save_login(config, doc):
+    write_private_file(config.tokens_path, json.dumps(doc, indent=2) + "\n")
+    return config.tokens_path
+
+
+def authorize_url(config, redirect_uri, challenge, state):
+    from urllib.parse import quote
+    params = [("response_type", "code"), ("client_id", CLIENT_ID), ("redirect_uri", redirect_uri),
+              ("scope", SCOPE), ("code_challenge", challenge), ("code_challenge_method", "S256"),
+              ("id_token_add_organizations", "true"), ("codex_cli_simplified_flow", "true"),
+              ("state", state), ("originator", ORIGINATOR)]
+    return config.issuer + "/oauth/authorize?" + "&".join("%s=%s" % (k, quote(v, safe="")) for k, v in params)
+
+
+class _CallbackHandler(BaseHTTPRequestHandler):
+    """The one-shot local page the browser is sent back to."""
+
+    def do_GET(self):
+        from urllib.parse import parse_qs, urlsplit as split
+        url = split(self.path)
+        if url.path != "/auth/callback":
+            return self._page(404, "Not found.")
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        outcome = self.server.login.offer(query)
+        if outcome is None:
+            return self._page(400, "State mismatch. Start the login again from the terminal.")
+        ok, message = outcome
+        self._page(200 if ok else 400, message)
+
+    def _page(self, status, message):
+        body = ("<!doctype html><meta charset=utf-8><title>codex-proxy</title>"
+                "<body style='font-family:sans-serif;margin:3em'><h2>%s</h2></body>" % message).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class BrowserLogin:
+    """Authorization code + PKCE: a callback on 127.0.0.1:1455, or a pasted redirect URL."""
+
+    def __init__(self, config):
+        self.config = config
+        self.verifier = b64url(os.urandom(64))
+        self.challenge = b64url(hashlib.sha256(self.verifier.encode("ascii")).digest())
+        self.state = b64url(os.urandom(32))
+        self.server = self._bind()
+        self.server.login = self
+        self.redirect_uri = "http://localhost:%d/auth/callback" % self.server.server_address[1]
+        self.url = authorize_url(config, self.redirect_uri, self.challenge, self.state)
+        self.result = queue.Queue()
+        self._lock = threading.Lock()
+        self._finished = False
+
+    def _bind(self):
+        for port in self.config.callback_ports:
+            try:
+                return ThreadingHTTPServer(("127.0.0.1", port), _CallbackHandler)
+            except OSError:
+                continue
+        ports = [str(p) for p in self.config.callback_ports]
+        raise LoginError("%s %s in use, so the login page cannot call back (is another login, such as "
+                         "`codex login`, still running?). Close it and try again, or run "
+                         "`python codex_proxy.py login --device`." % (
+                             ("Port " + ports[0], "is") if len(ports) == 1 else ("Ports " + " and ".join(ports), "are")))
+
+    def offer(self, query):
+        """A callback or pasted URL's query: None for a wrong state, else (ok, message for the page)."""
+        if query.get("state") != self.state:
+            return None
+        with self._lock:
+            if self._finished:
+                return True, "This login has already finished. You can close this tab."
+            self._finished = True
+        if query.get("error"):
+            description = query.get("error_description") or query["error"]
+            if "missing_codex_entitlement" in description:
+                description = "Codex is not enabled for this workspace; ask its administrator for access."
+            outcome = LoginError("Sign-in was refused: %s" % description)
+        elif not query.get("code"):
+            outcome = LoginError("The sign-in page returned no authorization code. Run the login again.")
+        else:
+            try:
+                outcome = exchange_code(self.config, query["code"], self.redirect_uri, self.verifier)
+            except LoginError as exc:
+                outcome = exc
+        self.result.put(outcome)
+        if isinstance(outcome, LoginError):
+            return False, str(outcome)
+        return True, "Signed in to ChatGPT. You can close this tab and return to the terminal."
+
+    def offer_url(self, text):
+        """A redirect URL pasted by the user (when the browser runs on another machine)."""
+        from urllib.parse import parse_qs, urlsplit as split
+        query = {k: v[0] for k, v in parse_qs(split(text.strip()).query).items()}
+        if "code" not in query and "error" not in query:
+            return "That is not the redirect URL; paste the whole address from the browser's address bar."
+        if self.offer(query) is None:
+            return "That URL belongs to another login attempt (state mismatch); paste the newest one."
+        return None
+
+    def wait(self, read_line=None, timeout=DEVICE_LOGIN_MINUTES * 60):
+        """Serve the callback until a login outcome arrives; return the token document."""
+        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        thread.start()
+        if read_line is not None:
+            threading.Thread(target=self._read_pasted, args=(read_line,), daemon=True).start()
+        try:
+            outcome = self.result.get(timeout=timeout)
+        except queue.Empty:
+            outcome = LoginError("The login timed out. Run it again.")
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+        if isinstance(outcome, LoginError):
+            raise outcome
+        return outcome
+
+    def _read_pasted(self, read_line):
+        while not self._finished:
+            try:
+                line = read_line()
+            except (EOFError, OSError, ValueError):
+                return
+            if not line:   # end of input: only the browser callback can finish now
+                return
+            if line.strip():
+                problem = self.offer_url(line)
+                if problem:
+                    sys.stderr.write(problem + "\n")
+
+
+def device_login(config, say, sleep=time.sleep, clock=time.monotonic):
+    """The device-code flow for machines without a browser; return the token document."""
+    status, doc, _ = oauth_post(config.issuer + "/api/accounts/deviceauth/usercode", doc={"client_id": CLIENT_ID})
+    if status == 404:
+        raise LoginError("Device-code login is switched off for this account. Turn on \"device code "
+                         "authorization for Codex\" in ChatGPT Settings > Security, or use "
+                         "`python codex_proxy.py login` in a browser.")
+    code = (doc or {}).get("user_code") or (doc or {}).get("usercode")
+    if status != 200 or not code or not (doc or {}).get("device_auth_id"):
+        raise LoginError("Could not start a device-code login (HTTP %d). Try again shortly." % status)
+    try:
+        interval = max(float((doc or {}).get("interval") or 5), 0.1)
+    except (TypeError, ValueError):
+        interval = 5.0
+    say("Open %s/codex/device in a browser and enter the code %s (valid for %d minutes)."
+        % (config.issuer, code, DEVICE_LOGIN_MINUTES))
+    deadline = clock() + DEVICE_LOGIN_MINUTES * 60
+    while clock() < deadline:
+        sleep(interval)
+        status, answer, text = oauth_post(config.issuer + "/api/accounts/deviceauth/token",
+                                          doc={"device_auth_id": doc["device_auth_id"], "user_code": code})
+        if status in (403, 404):
+            continue   # not approved yet
+        if status != 200 or not answer or not answer.get("authorization_code"):
+            raise LoginError("The device-code login failed (HTTP %d: %s)." % (status, text.strip()[:200]))
+        return exchange_code(config, answer["authorization_code"], config.issuer + "/deviceauth/callback",
+                             answer.get("code_verifier") or "")
+    raise LoginError("The code was not approved within %d minutes. Run the login again." % DEVICE_LOGIN_MINUTES)
 
 
 # ---------------------------------------------------------------------------
@@ -1182,8 +1575,8 @@ class CodexClient:
         self._idle = []
         self._lock = threading.Lock()
 
-    def headers(self, context):
-        access, account = self.tokens.credentials()
+    def headers(self, context, force_refresh=False):
+        access, account = self.tokens.credentials(force_refresh)
         headers = {
             "Authorization": "Bearer " + access,
             "Content-Type": "application/json",
@@ -1201,8 +1594,22 @@ class CodexClient:
         return headers
 
     def open(self, payload, context):
-        """Send one request; return a CodexStream for a 200, else raise ProxyError or UpstreamBroken."""
-        headers = self.headers(context)
+        """Send one request; return a CodexStream for a 200, else raise ProxyError or UpstreamBroken.
+
+        A 401 gets one token refresh and one more try.
+        """
+        conn, response = self._send(payload, self.headers(context))
+        if response.status == 401:
+            drain(response)
+            self.release(conn) if not response.will_close else conn.close()
+            conn, response = self._send(payload, self.headers(context, force_refresh=True))
+        if response.status == 200:
+            return CodexStream(self, conn, response)
+        body = drain(response)
+        conn.close()
+        raise upstream_http_error(response.status, body, response.headers, context)
+
+    def _send(self, payload, headers):
         conn, reused = self._acquire()
         try:
             try:
@@ -1219,14 +1626,7 @@ class CodexClient:
             conn.close()
             raise UpstreamBroken("Cannot reach the Codex backend at %s (%s). Check your network "
                                  "connection or CODEX_PROXY_UPSTREAM." % (self.host, describe(exc)))
-        if response.status == 200:
-            return CodexStream(self, conn, response)
-        try:
-            body = response.read(65536)
-        except (OSError, http.client.HTTPException):
-            body = b""
-        conn.close()
-        raise upstream_http_error(response.status, body, response.headers, context)
+        return conn, response
 
     def _acquire(self, fresh=False):
         if not fresh:
@@ -1255,6 +1655,14 @@ class CodexClient:
                 self._idle.append(conn)
                 return
         conn.close()
+
+
+def drain(response):
+    """Read a (small) error body so the connection can be reused."""
+    try:
+        return response.read(65536)
+    except (OSError, http.client.HTTPException):
+        return b""
 
 
 def describe(exc):
@@ -1527,7 +1935,7 @@ class ProxyServer(ThreadingHTTPServer):
 
     def __init__(self, config, handler=None):
         self.config = config
-        self.tokens = TokenStore(config.tokens_path)
+        self.tokens = TokenStore(config)
         self.codex = CodexClient(config, self.tokens)
         self.proxy_key = config.proxy_key()
         if ":" in config.host:
@@ -1853,6 +2261,104 @@ def cmd_start(args):
     return 0
 
 
+def cmd_login(args):
+    import webbrowser
+    config = Config()
+    try:
+        if args.device:
+            doc = device_login(config, say=print)
+        else:
+            login = BrowserLogin(config)
+            print("Sign in to ChatGPT with this link:\n\n  %s\n" % login.url)
+            if not args.no_browser:
+                try:
+                    webbrowser.open(login.url)
+                except webbrowser.Error:
+                    pass
+            print("Waiting for the browser to come back to %s ...\nIf the browser runs on another "
+                  "machine, paste here the full address it ends on (it starts with %s):"
+                  % (login.redirect_uri, login.redirect_uri))
+            sys.stdout.flush()
+            doc = login.wait(read_line=sys.stdin.readline)
+    except LoginError as exc:
+        sys.stderr.write("%s\n" % exc)
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("Login cancelled.\n")
+        return 1
+    path = save_login(config, doc)
+    info = account_info(doc["tokens"])
+    print("Logged in as %s (%s plan). Tokens saved to %s." % (
+        info["email"] or "unknown", info["plan"] or "unknown", path))
+    return 0
+
+
+def login_status(config):
+    """What ``status`` reports; never a token."""
+    store = TokenStore(config)
+    doc = store.load()
+    tokens = doc["tokens"] if doc else {}
+    info = account_info(tokens)
+    expiry = token_expiry(tokens.get("access_token"))
+    expired = expiry is not None and expiry <= time.time()
+    return {
+        "logged_in": doc is not None,
+        "usable": doc is not None and (not expired or bool(tokens.get("refresh_token"))),
+        "email": info["email"], "plan": info["plan"], "account_id": info["account_id"],
+        "token_file": str(store.path) if doc else None,
+        "shared_with_codex": bool(doc) and store.shared_with_codex,
+        "access_token_expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry)) if expiry else None,
+        "access_token_expired": expired,
+        "last_refresh": doc.get("last_refresh") if doc else None,
+    }
+
+
+def cmd_status(args):
+    status = login_status(Config())
+    if args.json:
+        print(json.dumps(status, indent=2))
+    elif not status["logged_in"]:
+        print("Not logged in. Run `python codex_proxy.py login`.")
+    else:
+        print("Logged in as %s (%s plan), account %s" % (status["email"] or "unknown",
+                                                          status["plan"] or "unknown", status["account_id"] or "unknown"))
+        print("Token file: %s%s" % (status["token_file"], " (shared with the Codex CLI)" if status["shared_with_codex"] else ""))
+        if status["access_token_expires_at"]:
+            print("Access token %s %s; it is refreshed automatically." % (
+                "expired" if status["access_token_expired"] else "expires", status["access_token_expires_at"]))
+        if not status["usable"]:
+            print("This login cannot be refreshed. Run `python codex_proxy.py login`.")
+    return 0 if status["usable"] else 1
+
+
+def cmd_logout(args):
+    config = Config()
+    removed = []
+    own = config.tokens_path
+    doc = read_auth_file(own)
+    if doc is not None:
+        try:   # best effort, as Codex does: the saved refresh token stops working at once
+            oauth_post(config.issuer + "/oauth/revoke", timeout=10, doc={
+                "token": doc["tokens"].get("refresh_token") or "", "token_type_hint": "refresh_token",
+                "client_id": CLIENT_ID})
+        except LoginError:
+            pass
+    targets = [own] + ([config.codex_auth_path] if args.codex else [])
+    for path in targets:
+        for victim in (path, Path(str(path) + ".lock")):
+            try:
+                victim.unlink()
+                if victim == path:
+                    removed.append(str(path))
+            except FileNotFoundError:
+                pass
+    print("Removed %s." % " and ".join(removed) if removed else "No login saved in %s; nothing removed." % own)
+    if not args.codex and read_auth_file(config.codex_auth_path):
+        print("The Codex CLI's login in %s remains and will be used; add --codex to remove it too."
+              % config.codex_auth_path)
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="codex_proxy.py",
@@ -1864,6 +2370,19 @@ def build_parser():
     start.add_argument("--port", type=int, help="port to listen on (CODEX_PROXY_PORT, default %d)" % DEFAULT_PORT)
     start.add_argument("--verbose", action="store_true", help="log one line per request to stderr")
     start.set_defaults(func=cmd_start)
+    login = commands.add_parser("login", help="sign in with ChatGPT",
+                                description="Sign in with ChatGPT (browser, or --device on a machine without one).")
+    login.add_argument("--device", action="store_true", help="use the device-code flow (no browser on this machine)")
+    login.add_argument("--no-browser", action="store_true", help="print the sign-in link without opening a browser")
+    login.set_defaults(func=cmd_login)
+    status = commands.add_parser("status", help="show the ChatGPT login",
+                                 description="Show the login in use; exit 0 when it is usable, 1 otherwise.")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
+    logout = commands.add_parser("logout", help="remove the saved login",
+                                 description="Remove the proxy's saved login (and Codex's with --codex).")
+    logout.add_argument("--codex", action="store_true", help="also remove the Codex CLI's auth.json")
+    logout.set_defaults(func=cmd_logout)
     return parser
 
 

@@ -301,6 +301,7 @@ class FakeCodex:
         self.requests = []
         self.script = collections.deque()
         self.issued = set()
+        self.valid_tokens = {ACCESS_TOKEN}
         self.connections = 0
         self.lock = threading.Lock()
         fake = self
@@ -375,7 +376,7 @@ class FakeCodex:
     def header_problem(self, path, headers, body):
         if path != "/backend-api/codex/responses":
             return 404, "Not Found"
-        if headers.get("authorization") != "Bearer " + ACCESS_TOKEN:
+        if headers.get("authorization", "")[7:] not in self.valid_tokens:
             return 401, "Unauthorized"
         if headers.get("chatgpt-account-id") != ACCOUNT_ID:
             return 403, "missing or wrong ChatGPT-Account-ID"
@@ -440,6 +441,162 @@ class FakeCodex:
         except OSError:
             reply.client_left.set()
             handler.close_connection = True
+
+
+def make_jwt(claims):
+    part = lambda doc: cp.b64url(json.dumps(doc).encode())
+    return "%s.%s.%s" % (part({"alg": "RS256", "typ": "JWT"}), part(claims), cp.b64url(b"signature"))
+
+
+AUTH_CLAIMS = {"chatgpt_account_id": ACCOUNT_ID, "chatgpt_plan_type": "plus", "chatgpt_user_id": "user-1"}
+
+
+class FakeIssuer:
+    """Stand-in for https://auth.openai.com: PKCE authorize, token endpoint with
+    single-use rotating refresh tokens, device-code endpoints, revoke."""
+
+    def __init__(self, codex=None):
+        self.codex = codex
+        self.lock = threading.Lock()
+        self.codes = {}            # authorization code -> (challenge, redirect_uri)
+        self.live_refresh = set()  # refresh tokens that still work once
+        self.refresh_calls = 0
+        self.exchanges = 0
+        self.revoked = []
+        self.device_enabled = True
+        self.device_polls_pending = 2
+        self.devices = {}
+        self.token_lifetime = 3600
+        issuer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                issuer.authorize(self)
+
+            def do_POST(self):
+                issuer.post(self)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.server.server_address[1]
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def mint(self):
+        """A fresh token set, accepted by the paired FakeCodex."""
+        access = make_jwt({"exp": int(time.time()) + self.token_lifetime, "jti": secrets.token_hex(8),
+                           "https://api.openai.com/auth": AUTH_CLAIMS})
+        refresh = "rt-" + secrets.token_hex(16)
+        with self.lock:
+            self.live_refresh.add(refresh)
+            if self.codex is not None:
+                self.codex.valid_tokens.add(access)
+        id_token = make_jwt({"email": "dev@example.com", "https://api.openai.com/auth": AUTH_CLAIMS})
+        return {"id_token": id_token, "access_token": access, "refresh_token": refresh}
+
+    def reply(self, handler, status, doc, headers=None):
+        data = json.dumps(doc).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def authorize(self, handler):
+        from urllib.parse import parse_qs, urlsplit, urlencode
+        url = urlsplit(handler.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        problems = [k for k, v in (("client_id", cp.CLIENT_ID), ("response_type", "code"),
+                                   ("code_challenge_method", "S256"), ("scope", cp.SCOPE),
+                                   ("codex_cli_simplified_flow", "true")) if query.get(k) != v]
+        redirect = query.get("redirect_uri", "")
+        if url.path != "/oauth/authorize" or problems or not re.match(r"^http://localhost:\d+/auth/callback$", redirect) \
+                or len(query.get("code_challenge", "")) != 43 or not query.get("state"):
+            return self.reply(handler, 400, {"error": "invalid_request", "problems": problems})
+        code = "ac_" + secrets.token_hex(12)
+        with self.lock:
+            self.codes[code] = (query["code_challenge"], redirect)
+        handler.send_response(302)
+        handler.send_header("Location", redirect + "?" + urlencode({"code": code, "state": query["state"]}))
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    def post(self, handler):
+        from urllib.parse import parse_qs
+        raw = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        kind = handler.headers.get("Content-Type", "")
+        body = json.loads(raw) if kind.startswith("application/json") else {
+            k: v[0] for k, v in parse_qs(raw.decode()).items()}
+        path = handler.path
+        if path == "/oauth/token" and body.get("grant_type") == "authorization_code":
+            return self.exchange(handler, body)
+        if path == "/oauth/token" and body.get("grant_type") == "refresh_token":
+            return self.refresh(handler, body)
+        if path == "/api/accounts/deviceauth/usercode":
+            if not self.device_enabled:
+                return self.reply(handler, 404, {"detail": "Not Found"})
+            device = "dev_" + secrets.token_hex(6)
+            verifier = cp.b64url(os.urandom(64))
+            challenge = cp.b64url(__import__("hashlib").sha256(verifier.encode()).digest())
+            code = "ac_" + secrets.token_hex(12)
+            with self.lock:
+                self.devices[device] = {"polls": 0, "code": code, "verifier": verifier, "challenge": challenge}
+                self.codes[code] = (challenge, self.url + "/deviceauth/callback")
+            return self.reply(handler, 200, {"device_auth_id": device, "user_code": "ABCD-1234", "interval": "0.1"})
+        if path == "/api/accounts/deviceauth/token":
+            device = self.devices.get(body.get("device_auth_id"))
+            if device is None or body.get("user_code") != "ABCD-1234":
+                return self.reply(handler, 400, {"error": "bad_device"})
+            device["polls"] += 1
+            if device["polls"] <= self.device_polls_pending:
+                return self.reply(handler, 403, {"error": {"code": "deviceauth_authorization_pending"}})
+            return self.reply(handler, 200, {"authorization_code": device["code"],
+                                             "code_challenge": device["challenge"], "code_verifier": device["verifier"]})
+        if path == "/oauth/revoke":
+            self.revoked.append(body.get("token"))
+            return self.reply(handler, 200, {})
+        self.reply(handler, 404, {"detail": "Not Found"})
+
+    def exchange(self, handler, body):
+        import hashlib
+        with self.lock:
+            expected = self.codes.pop(body.get("code"), None)
+        verifier = body.get("code_verifier", "")
+        if expected is None or body.get("client_id") != cp.CLIENT_ID or body.get("redirect_uri") != expected[1] \
+                or cp.b64url(hashlib.sha256(verifier.encode()).digest()) != expected[0]:
+            return self.reply(handler, 400, {"error": "invalid_grant"})
+        self.exchanges += 1
+        self.reply(handler, 200, dict(self.mint(), expires_in=3600, token_type="Bearer"))
+
+    def refresh(self, handler, body):
+        with self.lock:
+            self.refresh_calls += 1
+            token = body.get("refresh_token")
+            if body.get("client_id") != cp.CLIENT_ID or token not in self.live_refresh:
+                return self.reply(handler, 401, json.loads(
+                    fixture("responses", "auth_openai_refresh_token_reused_401.json").read_text()))
+            self.live_refresh.discard(token)
+        time.sleep(0.05)   # a real round trip: gives concurrent callers the chance to pile up
+        tokens = self.mint()
+        del tokens["id_token"]
+        self.reply(handler, 200, tokens)
 
 
 # ---------------------------------------------------------------------------
@@ -586,6 +743,7 @@ class ProxyCase(unittest.TestCase):
     """Starts FakeCodex and the proxy once per test class, on ephemeral loopback ports."""
 
     logged_in = True
+    with_issuer = False
     settings = {}
 
     @classmethod
@@ -594,7 +752,11 @@ class ProxyCase(unittest.TestCase):
         if cls.logged_in:
             write_tokens(cls.home / "tokens.json")
         cls.fake = FakeCodex().start()
-        cls.config = make_config(cls.home, cls.fake.url, **cls.settings)
+        settings = dict(cls.settings)
+        if cls.with_issuer:
+            cls.issuer = FakeIssuer(cls.fake).start()
+            settings["issuer"] = cls.issuer.url
+        cls.config = make_config(cls.home, cls.fake.url, **settings)
         cls.proxy = cp.ProxyServer(cls.config)
         cls.thread = threading.Thread(target=cls.proxy.serve_forever, daemon=True)
         cls.thread.start()
@@ -604,6 +766,8 @@ class ProxyCase(unittest.TestCase):
         cls.proxy.shutdown()
         cls.proxy.server_close()
         cls.fake.stop()
+        if cls.with_issuer:
+            cls.issuer.stop()
         shutil.rmtree(str(cls.home), ignore_errors=True)
 
     def setUp(self):
@@ -647,6 +811,7 @@ def write_tokens(path, access=ACCESS_TOKEN, account=ACCOUNT_ID):
 
 def make_config(home, upstream, **settings):
     values = dict(home=Path(home), upstream=upstream, api_key=PROXY_KEY, host="127.0.0.1", port=0,
+                  codex_home=Path(home) / "codex-home", issuer="http://127.0.0.1:9",
                   models={"opus": "gpt-5.5", "sonnet": "gpt-5.5", "haiku": "gpt-5.4-mini"},
                   retry_delay=0.01, connect_timeout=5.0)
     values.update(settings)
@@ -1424,11 +1589,6 @@ class TestUpstreamErrors(ProxyCase):
         self.assertIn("gpt-5.3-codex", message)
         self.assertIn("CODEX_PROXY_OPUS_MODEL", message)
 
-    def test_upstream_401_tells_the_user_to_log_in_again(self):
-        self.fake.reply(Reply(status=401, body={"detail": "Unauthorized"}))
-        message = self.error_of(self.post(BASIC), 401, "authentication_error")
-        self.assertIn("python codex_proxy.py login", message)
-
     def test_upstream_400_detail_is_shown_and_not_retried(self):
         self.fake.reply(Reply(status=400, body={"detail": "Unsupported parameter: foo"}))
         answer = self.post(BASIC)
@@ -1521,6 +1681,344 @@ class TestUpstreamUnreachable(ProxyCase):
         self.assertIn("Cannot reach the Codex backend", doc["error"]["message"])
         self.assertLess(time.monotonic() - started, 5)
         self.assertEqual(self.request("GET", "/health", key=None).status, 200, "the server keeps serving")
+
+
+# ---------------------------------------------------------------------------
+# Sign in with ChatGPT, refresh, sharing Codex's login
+# ---------------------------------------------------------------------------
+
+class BlockingInput:
+    """A stdin stand-in: readline() hands out lines the test feeds, and blocks meanwhile."""
+
+    def __init__(self):
+        self.lines = collections.deque()
+        self.ready = threading.Condition()
+
+    def feed(self, line):
+        with self.ready:
+            self.lines.append(line)
+            self.ready.notify_all()
+
+    def readline(self):
+        with self.ready:
+            self.ready.wait_for(lambda: self.lines, timeout=30)
+            return self.lines.popleft() if self.lines else ""
+
+
+class CliRun:
+    """cp.main(args) on a thread, with its own environment and captured output."""
+
+    def __init__(self, test, args, stdin=None):
+        import io
+        self.out, self.err, self.code = io.StringIO(), io.StringIO(), None
+        self.thread = threading.Thread(target=self._run, args=(args, stdin or BlockingInput()), daemon=True)
+        self.thread.start()
+
+    def _run(self, args, stdin):
+        import contextlib
+        saved = sys.stdin
+        sys.stdin = stdin
+        try:
+            with contextlib.redirect_stdout(self.out), contextlib.redirect_stderr(self.err):
+                self.code = cp.main(args)
+        finally:
+            sys.stdin = saved
+
+    def wait_for(self, pattern, timeout=10):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.out.getvalue())
+            if match:
+                return match
+            time.sleep(0.01)
+        raise AssertionError("%r never printed; output so far: %s" % (pattern, self.out.getvalue()))
+
+    def result(self, timeout=20):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the command did not finish"
+        return self.code, self.out.getvalue(), self.err.getvalue()
+
+
+def http_get(url):
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    conn.request("GET", parts.path + ("?" + parts.query if parts.query else ""))
+    response = conn.getresponse()
+    answer = Answer(response.status, response.headers, response.read())
+    conn.close()
+    return answer
+
+
+class LoginCase(unittest.TestCase):
+    """A FakeIssuer and an isolated environment (CODEX_PROXY_HOME, CODEX_HOME) per test."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.issuer = FakeIssuer().start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.issuer.stop()
+
+    def setUp(self):
+        from unittest import mock
+        self.home = Path(tempfile.mkdtemp(prefix="codex-proxy-login-")) / "proxy-home"
+        self.codex_home = self.home.parent / "codex-home"
+        self.codex_home.mkdir()
+        self.addCleanup(shutil.rmtree, str(self.home.parent), True)
+        patches = [mock.patch.dict(os.environ, {"CODEX_PROXY_HOME": str(self.home), "CODEX_HOME": str(self.codex_home),
+                                                "CODEX_PROXY_ISSUER": self.issuer.url}),
+                   mock.patch.object(cp.Config, "CALLBACK_PORTS", (0,))]
+        for patch in patches:
+            patch.start()
+            self.addCleanup(patch.stop)
+
+    def saved(self, path=None):
+        return json.loads((path or self.home / "tokens.json").read_text())
+
+
+class TestLogin(LoginCase):
+
+    def test_browser_login_end_to_end_and_wrong_state_is_refused(self):
+        run = CliRun(self, ["login", "--no-browser"])
+        url = run.wait_for(r"(http://127\.0\.0\.1:\d+/oauth/authorize\?\S+)").group(1)
+        self.assertIn("code_challenge_method=S256", url)
+        self.assertIn("redirect_uri=http%3A%2F%2Flocalhost%3A", url)
+        redirect = http_get(url)
+        self.assertEqual(redirect.status, 302)
+        callback = redirect.headers["Location"].replace("localhost", "127.0.0.1")
+        forged = re.sub(r"state=[^&]+", "state=forged", callback)
+        refused = http_get(forged)
+        self.assertEqual(refused.status, 400)
+        self.assertIn(b"State mismatch", refused.body)
+        accepted = http_get(callback)
+        self.assertEqual(accepted.status, 200)
+        self.assertIn(b"Signed in", accepted.body)
+        code, out, err = run.result()
+        self.assertEqual(code, 0, err)
+        self.assertIn("Logged in as dev@example.com (plus plan)", out)
+        doc = self.saved()
+        self.assertEqual(set(doc["tokens"]), {"id_token", "access_token", "refresh_token", "account_id"})
+        self.assertEqual(doc["tokens"]["account_id"], ACCOUNT_ID)
+        self.assertRegex(doc["last_refresh"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        self.assertEqual(stat.S_IMODE((self.home / "tokens.json").stat().st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(self.home.stat().st_mode), 0o700)
+        self.assertNotIn(doc["tokens"]["access_token"], out + err, "tokens never printed")
+
+    def test_pasted_redirect_url_finishes_the_login(self):
+        stdin = BlockingInput()
+        run = CliRun(self, ["login", "--no-browser"], stdin)
+        url = run.wait_for(r"(http://127\.0\.0\.1:\d+/oauth/authorize\?\S+)").group(1)
+        location = http_get(url).headers["Location"]   # the browser ended on another machine
+        stdin.feed("not a url\n")
+        stdin.feed(location + "\n")
+        code, out, err = run.result()
+        self.assertEqual(code, 0, err)
+        self.assertIn("not the redirect URL", err)
+        self.assertEqual(self.saved()["tokens"]["account_id"], ACCOUNT_ID)
+
+    def test_busy_callback_port_is_one_clear_sentence(self):
+        from unittest import mock
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        with mock.patch.object(cp.Config, "CALLBACK_PORTS", (busy.getsockname()[1],)):
+            code, out, err = CliRun(self, ["login", "--no-browser"]).result()
+        self.assertEqual(code, 1)
+        self.assertIn("Port %d is in use" % busy.getsockname()[1], err)
+        self.assertIn("login --device", err)
+        self.assertNotIn("Traceback", err)
+
+    def test_device_code_login_end_to_end(self):
+        before = self.issuer.exchanges
+        code, out, err = CliRun(self, ["login", "--device"]).result()
+        self.assertEqual(code, 0, err)
+        self.assertIn("Open %s/codex/device in a browser and enter the code ABCD-1234" % self.issuer.url, out)
+        self.assertEqual(self.issuer.exchanges, before + 1)
+        self.assertEqual(self.saved()["tokens"]["account_id"], ACCOUNT_ID)
+
+    def test_device_login_switched_off_says_how_to_enable_it(self):
+        self.issuer.device_enabled = False
+        self.addCleanup(setattr, self.issuer, "device_enabled", True)
+        code, out, err = CliRun(self, ["login", "--device"]).result()
+        self.assertEqual(code, 1)
+        self.assertIn("Settings > Security", err)
+
+    def test_status_json_fields_and_exit_codes(self):
+        code, out, _ = CliRun(self, ["status", "--json"]).result()
+        self.assertEqual((code, json.loads(out)["logged_in"]), (1, False))
+        tokens = self.issuer.mint()
+        cp.write_private_file(self.home / "tokens.json", json.dumps({"tokens": dict(tokens, account_id=ACCOUNT_ID)}))
+        code, out, _ = CliRun(self, ["status", "--json"]).result()
+        status = json.loads(out)
+        self.assertEqual(code, 0)
+        self.assertEqual({k: status[k] for k in ("logged_in", "usable", "email", "plan", "account_id",
+                                                 "token_file", "shared_with_codex", "access_token_expired")},
+                         {"logged_in": True, "usable": True, "email": "dev@example.com", "plan": "plus",
+                          "account_id": ACCOUNT_ID, "token_file": str(self.home / "tokens.json"),
+                          "shared_with_codex": False, "access_token_expired": False})
+        self.assertRegex(status["access_token_expires_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        code, text, _ = CliRun(self, ["status"]).result()
+        self.assertIn("Logged in as dev@example.com (plus plan)", text)
+        for secret in tokens.values():
+            self.assertNotIn(secret, out + text)
+
+    def test_logout_removes_own_tokens_and_leaves_codex_login(self):
+        own, theirs = self.issuer.mint(), self.issuer.mint()
+        cp.write_private_file(self.home / "tokens.json", json.dumps({"tokens": own}))
+        cp.write_private_file(self.codex_home / "auth.json", json.dumps({"auth_mode": "chatgpt", "tokens": theirs}))
+        code, out, _ = CliRun(self, ["logout"]).result()
+        self.assertEqual(code, 0)
+        self.assertIn("Removed %s" % (self.home / "tokens.json"), out)
+        self.assertIn("--codex", out)
+        self.assertFalse((self.home / "tokens.json").exists())
+        self.assertTrue((self.codex_home / "auth.json").exists())
+        self.assertIn(own["refresh_token"], self.issuer.revoked)
+        self.assertNotIn(theirs["refresh_token"], self.issuer.revoked, "Codex's login is never revoked")
+        code, out, _ = CliRun(self, ["logout", "--codex"]).result()
+        self.assertIn("Removed %s" % (self.codex_home / "auth.json"), out)
+        self.assertFalse((self.codex_home / "auth.json").exists())
+
+    def test_help_on_every_subcommand(self):
+        import contextlib, io
+        for command in ("start", "login", "status", "logout"):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), self.assertRaises(SystemExit) as caught:
+                cp.main([command, "--help"])
+            self.assertEqual(caught.exception.code, 0)
+            self.assertIn("usage: codex_proxy.py %s" % command, out.getvalue())
+
+
+def expired_access():
+    return make_jwt({"exp": int(time.time()) - 60, "https://api.openai.com/auth": AUTH_CLAIMS})
+
+
+class TestTokenRefresh(ProxyCase):
+    logged_in = False
+    with_issuer = True
+
+    def setUp(self):
+        ProxyCase.setUp(self)
+        for path in (self.home / "tokens.json", self.config.codex_auth_path):
+            if path.exists():
+                path.unlink()
+        self.issuer.refresh_calls = 0
+
+    def login(self, access=None, path=None, mode=0o600, **extra):
+        tokens = self.issuer.mint()
+        if access is not None:
+            tokens["access_token"] = access
+        doc = dict(extra, tokens=dict(tokens, account_id=ACCOUNT_ID), last_refresh="2026-11-01T00:00:00Z")
+        cp.write_private_file(path or self.home / "tokens.json", json.dumps(doc), mode)
+        return tokens
+
+    def test_expired_token_is_refreshed_once_for_20_concurrent_requests(self):
+        old = self.login(access=expired_access())
+        self.fake.reply(*[self.fake.turn().text("ok").completed() for _ in range(20)])
+        answers = [None] * 20
+
+        def call(n):
+            answers[n] = self.post(BASIC).status
+        threads = [threading.Thread(target=call, args=(n,)) for n in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(answers, [200] * 20)
+        self.assertEqual(self.issuer.refresh_calls, 1, "one refresh, however many requests waited")
+        saved = json.loads((self.home / "tokens.json").read_text())["tokens"]
+        self.assertNotEqual(saved["refresh_token"], old["refresh_token"], "the rotated refresh token was saved")
+        self.assertEqual(stat.S_IMODE((self.home / "tokens.json").stat().st_mode), 0o600)
+
+    def test_upstream_401_mid_session_refreshes_once_and_succeeds(self):
+        tokens = self.login()
+        self.fake.reply(self.fake.turn().text("before").completed(), self.fake.turn().text("after").completed())
+        self.assertEqual(self.post(BASIC).status, 200)
+        self.fake.valid_tokens.discard(tokens["access_token"])   # the backend stops accepting it
+        answer = self.post(BASIC)
+        self.assertEqual(answer.status, 200, answer.body)
+        self.assertEqual(answer.json()["content"][0]["text"], "after")
+        self.assertEqual(self.issuer.refresh_calls, 1)
+        self.assertEqual([r["headers"]["authorization"] == "Bearer " + tokens["access_token"]
+                          for r in self.fake.requests], [True, True, False])
+
+    def test_reused_refresh_token_fails_with_login_message_and_no_retry_loop(self):
+        tokens = self.login(access=expired_access())
+        self.issuer.live_refresh.discard(tokens["refresh_token"])   # another client already used it
+        for _ in range(3):
+            answer = self.post(BASIC)
+            self.assertEqual(answer.status, 401)
+            message = answer.json()["error"]["message"]
+            self.assertIn("already used", message)
+            self.assertIn("python codex_proxy.py login", message)
+        self.assertEqual(self.issuer.refresh_calls, 1, "a dead refresh token is not tried again")
+        self.assertEqual(self.fake.requests, [])
+
+    def test_codex_auth_json_is_used_in_place_and_written_back_with_its_mode(self):
+        path = self.config.codex_auth_path
+        old = self.login(access=expired_access(), path=path, mode=0o640, auth_mode="chatgpt", OPENAI_API_KEY=None)
+        self.fake.reply(self.fake.turn().text("shared").completed())
+        self.assertEqual(self.post(BASIC).status, 200)
+        self.assertFalse((self.home / "tokens.json").exists(), "the proxy writes no copy of its own")
+        doc = json.loads(path.read_text())
+        self.assertEqual((doc["auth_mode"], doc["OPENAI_API_KEY"]), ("chatgpt", None), "Codex's fields are kept")
+        self.assertNotEqual(doc["tokens"]["refresh_token"], old["refresh_token"])
+        self.assertIn(doc["tokens"]["access_token"], self.fake.valid_tokens)
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o640)
+        status = cp.login_status(self.config)
+        self.assertEqual((status["token_file"], status["shared_with_codex"]), (str(path), True))
+
+    def test_a_token_another_process_refreshed_is_used_not_refreshed_again(self):
+        self.login(access=expired_access())
+        mine, theirs = cp.TokenStore(self.config), cp.TokenStore(self.config)
+        stale = mine.load()["tokens"]["access_token"]
+        theirs.credentials()                         # the other process refreshes first
+        self.assertEqual(self.issuer.refresh_calls, 1)
+        fresh = mine.refresh(stale)                  # we still hold the stale token
+        self.assertEqual(self.issuer.refresh_calls, 1)
+        self.assertNotEqual(fresh["access_token"], stale)
+
+
+class TestSharedLoginAcrossProcesses(unittest.TestCase):
+
+    def test_two_proxy_processes_sharing_auth_json_refresh_once_and_keep_working(self):
+        fake, issuer = FakeCodex().start(), None
+        issuer = FakeIssuer(fake).start()
+        self.addCleanup(fake.stop)
+        self.addCleanup(issuer.stop)
+        root = Path(tempfile.mkdtemp(prefix="codex-proxy-shared-"))
+        self.addCleanup(shutil.rmtree, str(root), True)
+        tokens = issuer.mint()
+        tokens["access_token"] = expired_access()
+        cp.write_private_file(root / "codex" / "auth.json", json.dumps(
+            {"auth_mode": "chatgpt", "OPENAI_API_KEY": None, "tokens": dict(tokens, account_id=ACCOUNT_ID)}))
+        fake.reply(*[fake.turn().text("ok").completed() for _ in range(40)])
+        ports = []
+        for n in range(2):
+            env = dict(os.environ, CODEX_HOME=str(root / "codex"), CODEX_PROXY_HOME=str(root / ("proxy%d" % n)),
+                       CODEX_PROXY_UPSTREAM=fake.url, CODEX_PROXY_ISSUER=issuer.url, CODEX_PROXY_API_KEY=PROXY_KEY)
+            process = subprocess.Popen([sys.executable, str(HERE / "codex_proxy.py"), "start", "--port", "0"],
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.addCleanup(stop_process, process)
+            ports.append(int(re.search(r"listening on http://127\.0\.0\.1:(\d+)", process.stdout.readline()).group(1)))
+        statuses = []
+
+        def call(port):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", "/v1/messages", json.dumps(BASIC), {"x-api-key": PROXY_KEY,
+                                                                     "Content-Type": "application/json"})
+            statuses.append(conn.getresponse().status)
+            conn.close()
+        for _ in range(2):   # a burst at both processes, then both keep working
+            threads = [threading.Thread(target=call, args=(port,)) for port in ports for _ in range(10)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+        self.assertEqual(statuses, [200] * 40)
+        self.assertEqual(issuer.refresh_calls, 1, "two processes, one refresh")
 
 
 def stop_process(process):
