@@ -745,6 +745,7 @@ class ProxyCase(unittest.TestCase):
     logged_in = True
     with_issuer = False
     settings = {}
+    handler = None
 
     @classmethod
     def setUpClass(cls):
@@ -757,7 +758,7 @@ class ProxyCase(unittest.TestCase):
             cls.issuer = FakeIssuer(cls.fake).start()
             settings["issuer"] = cls.issuer.url
         cls.config = make_config(cls.home, cls.fake.url, **settings)
-        cls.proxy = cp.ProxyServer(cls.config)
+        cls.proxy = cp.ProxyServer(cls.config, cls.handler)
         cls.thread = threading.Thread(target=cls.proxy.serve_forever, daemon=True)
         cls.thread.start()
 
@@ -2019,6 +2020,216 @@ class TestSharedLoginAcrossProcesses(unittest.TestCase):
                 thread.join(60)
         self.assertEqual(statuses, [200] * 40)
         self.assertEqual(issuer.refresh_calls, 1, "two processes, one refresh")
+
+
+# ---------------------------------------------------------------------------
+# Judged by real clients: Claude Code CLI and the official Python SDK
+# ---------------------------------------------------------------------------
+
+CLAUDE = os.environ.get("CODEX_PROXY_CLAUDE") or shutil.which("claude")
+try:
+    anthropic = __import__("importlib").import_module("anthropic")
+except ImportError:
+    anthropic = None
+REQUIRE_CLIENTS = os.environ.get("CODEX_PROXY_REQUIRE_CLIENTS") == "1"   # set by .ci/run
+
+
+def needs(client, reason):
+    """Skip without the client, except where CI requires it: there its absence fails."""
+    def decorate(cls):
+        if client or not REQUIRE_CLIENTS:
+            return unittest.skipUnless(client, reason)(cls)
+
+        class Missing(unittest.TestCase):
+            def test_client_is_installed(self):
+                self.fail("CODEX_PROXY_REQUIRE_CLIENTS=1 but " + reason)
+        Missing.__name__ = Missing.__qualname__ = cls.__name__
+        return Missing
+    return decorate
+
+
+class RecordingHandler(cp.ProxyHandler):
+    """The proxy's handler, also noting each status and header it sends (for assertions)."""
+
+    def send_response(self, code, message=None):
+        self.server.answers.append({"status": code, "headers": {}, "path": self.path})
+        cp.ProxyHandler.send_response(self, code, message)
+
+    def send_header(self, keyword, value):
+        if getattr(self.server, "answers", None):
+            self.server.answers[-1]["headers"][keyword.lower()] = value
+        cp.ProxyHandler.send_header(self, keyword, value)
+
+
+@needs(CLAUDE, "Claude Code CLI not found: npm install @anthropic-ai/claude-code@2.1.331 (or set CODEX_PROXY_CLAUDE)")
+class TestClaudeCode(ProxyCase):
+    """Scenarios run by the real `claude -p` against the proxy and FakeCodex."""
+
+    handler = RecordingHandler
+    settings = {"ping_interval": 1.0}
+
+    def setUp(self):
+        ProxyCase.setUp(self)
+        self.proxy.answers = []
+
+    def claude(self, prompt, *args, **env):
+        root = Path(tempfile.mkdtemp(prefix="codex-proxy-claude-"))
+        self.addCleanup(shutil.rmtree, str(root), True)
+        for name in ("home", "tmp", "work"):
+            (root / name).mkdir()
+        environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root / "home"),
+                       "TMPDIR": str(root / "tmp"), "TERM": "dumb", "ANTHROPIC_BASE_URL": self.proxy.url,
+                       "ANTHROPIC_AUTH_TOKEN": PROXY_KEY, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                       "CLAUDE_CODE_MAX_RETRIES": "1", "API_TIMEOUT_MS": "60000"}
+        environment.update(env)
+        result = subprocess.run([CLAUDE, "-p", prompt, "--output-format", "stream-json", "--verbose",
+                                 "--no-session-persistence"] + list(args), cwd=str(root / "work"),
+                                env=environment, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                timeout=180)
+        lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        final = [line for line in lines if line.get("type") == "result"]
+        self.assertTrue(final, "claude printed no result: %s %s" % (result.stdout[-2000:], result.stderr[-2000:]))
+        return final[-1], lines
+
+    def blocks(self, lines, kind):
+        return [block for line in lines if line.get("type") in ("assistant", "user")
+                for block in line["message"]["content"] if isinstance(block, dict) and block.get("type") == kind]
+
+    def test_1_plain_text_answer(self):
+        self.fake.reply(self.fake.turn().text("Hello from the Codex backend.").completed())
+        result, _ = self.claude("say hello")
+        self.assertEqual((result["is_error"], result["result"]), (False, "Hello from the Codex backend."))
+        self.assertEqual(len(self.fake.requests), 1)
+
+    def test_2_bash_tool_really_runs_and_its_output_goes_back(self):
+        turn = self.fake.turn().text("I'll run it.").tool_call("Bash", {"command": "echo marker-7f3a",
+                                                                         "description": "Print a marker"})
+        self.fake.reply(turn.completed(), self.fake.turn().text("The command printed marker-7f3a.").completed())
+        result, lines = self.claude("run echo marker-7f3a", "--allowedTools", "Bash")
+        self.assertEqual(result["result"], "The command printed marker-7f3a.")
+        outputs = [i for i in self.sent()["input"] if i["type"] == "function_call_output"]
+        self.assertEqual(len(outputs), 1)
+        self.assertIn("marker-7f3a", outputs[0]["output"])
+        self.assertEqual(self.blocks(lines, "tool_result")[0]["content"], "marker-7f3a")
+
+    def test_3_parallel_tool_calls_pair_results_by_call_id(self):
+        turn = self.fake.turn().tool_call("Bash", {"command": "echo first-1", "description": "one"}, call_id="call_one") \
+                   .tool_call("Bash", {"command": "echo second-2", "description": "two"}, call_id="call_two")
+        self.fake.reply(turn.completed(), self.fake.turn().text("Both ran.").completed())
+        result, _ = self.claude("run both", "--allowedTools", "Bash")
+        self.assertEqual(result["result"], "Both ran.")
+        outputs = {i["call_id"]: i["output"] for i in self.sent()["input"] if i["type"] == "function_call_output"}
+        self.assertEqual(set(outputs), {"call_one", "call_two"})
+        self.assertIn("first-1", outputs["call_one"])
+        self.assertIn("second-2", outputs["call_two"])
+
+    def test_4_reasoning_is_replayed_with_its_encrypted_content(self):
+        turn = self.fake.turn().reasoning(["Look before answering."], encrypted="gAAAAB-claude-e2e-blob") \
+                   .tool_call("Bash", {"command": "echo ok", "description": "check"})
+        self.fake.reply(turn.completed(), self.fake.turn().text("Checked.").completed())
+        result, lines = self.claude("check it", "--allowedTools", "Bash")
+        self.assertEqual(result["result"], "Checked.")
+        self.assertEqual([i["encrypted_content"] for i in self.sent()["input"] if i["type"] == "reasoning"],
+                         ["gAAAAB-claude-e2e-blob"])
+        self.assertEqual(self.blocks(lines, "thinking")[0]["thinking"], "Look before answering.")
+
+    def test_5_haiku_class_request_goes_to_the_small_model(self):
+        self.fake.reply(self.fake.turn(model="gpt-5.4-mini").text("small and fast").completed())
+        result, _ = self.claude("hi", "--model", "haiku")
+        self.assertEqual(result["result"], "small and fast")
+        self.assertEqual(self.sent()["model"], "gpt-5.4-mini")
+
+    def test_6_usage_limit_is_reported_with_retry_after(self):
+        recorded = json.loads(fixture("responses", "chatgpt_codex_usage_limit_reached_plus_2026-05-04.json").read_text())
+        self.fake.reply(*[Reply(status=429, body={"error": recorded["error"]}, headers=recorded["headers"])
+                          for _ in range(3)])
+        result, _ = self.claude("hi")
+        self.assertTrue(result["is_error"])
+        self.assertEqual(result.get("api_error_status"), 429)
+        self.assertIn("usage limit", result["result"])
+        limited = [a for a in self.proxy.answers if a["status"] == 429]
+        self.assertTrue(limited)
+        self.assertEqual(limited[0]["headers"]["retry-after"], "13872")
+
+    def test_7_failure_mid_stream_is_retried_and_the_second_attempt_succeeds(self):
+        broken = self.fake.turn().text("partial that will be dropped").failed("server_is_overloaded", "busy")
+        self.fake.reply(broken, self.fake.turn().text("Second attempt worked.").completed(),
+                        self.fake.turn().text("Second attempt worked.").completed())
+        result, _ = self.claude("hi")
+        self.assertEqual((result["is_error"], result["result"]), (False, "Second attempt worked."))
+        self.assertGreaterEqual(len(self.fake.requests), 2)
+
+    def test_8_tool_search_and_tool_reference_do_not_break_the_turn(self):
+        turn = self.fake.turn().tool_call("ToolSearch", {"query": "select:WebFetch", "max_results": 5})
+        self.fake.reply(turn.completed(), self.fake.turn().text("WebFetch is loaded.").completed())
+        result, _ = self.claude("load the web fetch tool")
+        self.assertEqual(result["result"], "WebFetch is loaded.")
+        first, second = self.fake.requests[0]["body"], self.sent()
+        self.assertIn("DeferredToolPlaceholder", [t["name"] for t in first["tools"]])
+        self.assertIn("WebFetch", [t["name"] for t in second["tools"]])
+        outputs = [i["output"] for i in second["input"] if i["type"] == "function_call_output"]
+        self.assertEqual(outputs, ["Tool loaded: WebFetch"])
+
+
+@needs(anthropic, "anthropic SDK not installed (pip install anthropic)")
+class TestAnthropicSDK(ProxyCase):
+    """The official SDK's create() and stream().get_final_message() agree on every scenario."""
+
+    SCENARIOS = {
+        "text": lambda t: t.text("Plain text.").completed(),
+        "tool_use": lambda t: t.text("Calling.").tool_call("get_weather", {"city": "Oslo"}).completed(),
+        "parallel_tools": lambda t: t.tool_call("get_weather", {"city": "A"}).tool_call("get_weather", {"city": "B"}).completed(),
+        "thinking": lambda t: t.reasoning(["Step one.", "Step two."]).text("Answer.").completed(cached=40),
+        "max_tokens": lambda t: t.text("Cut off").incomplete("max_output_tokens"),
+        "whitespace_then_tool": lambda t: t.text("  ").tool_call("get_weather", {}).completed(),
+    }
+    TOOLS = [{"name": "get_weather", "description": "Weather", "input_schema": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}]
+
+    def client(self):
+        return anthropic.Anthropic(api_key=PROXY_KEY, base_url=self.proxy.url, max_retries=0)
+
+    def test_create_and_stream_give_equal_messages_for_every_scenario(self):
+        for name, build in self.SCENARIOS.items():
+            with self.subTest(scenario=name):
+                args = dict(model="claude-opus-4-8", max_tokens=1024, tools=self.TOOLS,
+                            messages=[{"role": "user", "content": "go"}],
+                            thinking={"type": "enabled", "budget_tokens": 2048})
+                upstream = build(self.fake.turn())
+                self.fake.reply(upstream, upstream)   # the same upstream reply for both calls
+                created = self.client().messages.create(**args)
+                with self.client().messages.stream(**args) as stream:
+                    streamed = stream.get_final_message()
+                a, b = created.model_dump(), streamed.model_dump()
+                a.pop("id"), b.pop("id")
+                self.assertEqual(a, b)
+                self.assertIsNotNone(created.stop_reason)
+
+    def test_raw_sdk_events_pass_the_checklist(self):
+        self.fake.reply(self.fake.turn().reasoning(["Think."]).text("Hi.").tool_call("get_weather", {"city": "X"}).completed())
+        answer = self.post(dict(BASIC, stream=True, tools=self.TOOLS, thinking={"type": "adaptive"}))
+        check_stream(self, answer.body)
+        self.fake.reply(self.fake.turn().text("beta ok").completed())
+        with self.client().beta.messages.stream(model="claude-opus-4-8", max_tokens=100,
+                                                 messages=[{"role": "user", "content": "x"}]) as stream:
+            self.assertEqual(stream.get_final_message().content[0].text, "beta ok")
+
+    def test_mid_stream_error_raises_with_its_type(self):
+        self.fake.reply(self.fake.turn().text("partial").failed("server_is_overloaded", "busy"))
+        with self.assertRaises(anthropic.APIStatusError) as caught:
+            with self.client().messages.stream(model="claude-opus-4-8", max_tokens=100,
+                                               messages=[{"role": "user", "content": "x"}]) as stream:
+                stream.get_final_message()
+        self.assertIn("overloaded_error", str(caught.exception))
+
+    def test_http_errors_map_to_sdk_exceptions(self):
+        self.fake.reply(Reply(status=503, body={"error": {"code": "server_is_overloaded"}}))
+        with self.assertRaises(anthropic.APIStatusError) as caught:
+            self.client().messages.create(model="claude-opus-4-8", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+        self.assertEqual(caught.exception.status_code, 529)
+        with self.assertRaises(anthropic.AuthenticationError):
+            anthropic.Anthropic(api_key="wrong", base_url=self.proxy.url, max_retries=0).messages.create(
+                model="claude-opus-4-8", max_tokens=10, messages=[{"role": "user", "content": "x"}])
 
 
 def stop_process(process):
