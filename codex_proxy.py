@@ -102,8 +102,17 @@ class Config:
             "sonnet": env.get("CODEX_PROXY_SONNET_MODEL") or "gpt-5.5",
             "haiku": env.get("CODEX_PROXY_HAIKU_MODEL") or "gpt-5.4-mini",
         }
+        origins = env.get("CODEX_PROXY_ALLOWED_ORIGINS") or ""
+        self.allowed_origins = [o.strip().rstrip("/") for o in origins.split(",") if o.strip()]
+        hosts = env.get("CODEX_PROXY_ALLOWED_HOSTS") or ""
+        self.allowed_hosts = [h.strip().lower() for h in hosts.split(",") if h.strip()]
+        self.max_body = env_int("CODEX_PROXY_MAX_BODY_MB", 32) * 1024 * 1024
         self.verbose = False
         # Timing knobs; tests shrink them.
+        self.keepalive_timeout = 300.0   # an idle client connection between requests
+        self.client_timeout = 30.0       # reading one request's headers, and its whole body
+        self.first_byte_timeout = 120.0  # the backend's answer to a request we sent
+        self.drain_timeout = 5.0         # on shutdown: how long running replies may go on
         self.connect_timeout = 15.0
         self.idle_timeout = 300.0       # same as Codex between SSE events
         self.ping_interval = 10.0       # Anthropic clients want one within 15 s
@@ -803,7 +812,7 @@ def codex_tool_name(name):
     if NAME_RE.match(name):
         return name
     clean = re.sub(r"[^a-zA-Z0-9_-]", "_", name) or "tool"
-    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+    digest = digest_of(name)[:8]
     if len(clean) <= 55:
         return clean + "_" + digest
     return clean[:20] + "_" + digest + "_" + clean[-34:]   # keeps mcp__server and the tool's own name
@@ -812,7 +821,12 @@ def codex_tool_name(name):
 def codex_call_id(value):
     """Tool-use ids pass through unless the backend would reject them."""
     value = value if isinstance(value, str) else ""
-    return value if NAME_RE.match(value) else "call_" + hashlib.sha256(value.encode("utf-8")).hexdigest()[:24]
+    return value if NAME_RE.match(value) else "call_" + digest_of(value)[:24]
+
+
+def digest_of(text):
+    # surrogatepass: JSON may carry lone surrogates, which plain UTF-8 refuses
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def translate_tools(tools, names):
@@ -1145,7 +1159,7 @@ def prompt_cache_key(body, headers):
                       if isinstance(m, dict) and m.get("role") == "user"), "")
         session = "first-user:" + hashlib.sha256(
             json.dumps(first, sort_keys=True, default=str).encode("utf-8")).hexdigest()
-    return str(uuid.uuid5(CACHE_NAMESPACE, "%s\n%s" % (session, agent or "")))
+    return str(uuid.uuid5(CACHE_NAMESPACE, digest_of("%s\n%s" % (session, agent or ""))))
 
 
 def metadata_session(metadata):
@@ -1601,32 +1615,44 @@ class CodexClient:
         conn, response = self._send(payload, self.headers(context))
         if response.status == 401:
             drain(response)
-            self.release(conn) if not response.will_close else conn.close()
+            if response.will_close or not response.isclosed():
+                response.close()
+                conn.close()
+            else:
+                self.release(conn)
             conn, response = self._send(payload, self.headers(context, force_refresh=True))
         if response.status == 200:
             return CodexStream(self, conn, response)
         body = drain(response)
+        response.close()
         conn.close()
         raise upstream_http_error(response.status, body, response.headers, context)
 
     def _send(self, payload, headers):
-        conn, reused = self._acquire()
+        conn = None
         try:
+            conn, reused = self._acquire()
             try:
-                conn.request("POST", self.path, payload, headers)
-                response = conn.getresponse()
+                response = self._exchange(conn, payload, headers)
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 if not reused:
                     raise
                 conn.close()   # a pooled connection the server had closed: try a fresh one once
                 conn, reused = self._acquire(fresh=True)
-                conn.request("POST", self.path, payload, headers)
-                response = conn.getresponse()
+                response = self._exchange(conn, payload, headers)
+        except socket.timeout:
+            conn and conn.close()
+            raise UpstreamBroken("The Codex backend at %s did not answer in time." % self.host)
         except (OSError, http.client.HTTPException) as exc:
-            conn.close()
+            conn and conn.close()
             raise UpstreamBroken("Cannot reach the Codex backend at %s (%s). Check your network "
                                  "connection or CODEX_PROXY_UPSTREAM." % (self.host, describe(exc)))
         return conn, response
+
+    def _exchange(self, conn, payload, headers):
+        conn.sock.settimeout(self.config.first_byte_timeout)
+        conn.request("POST", self.path, payload, headers)
+        return conn.getresponse()
 
     def _acquire(self, fresh=False):
         if not fresh:
@@ -1639,6 +1665,8 @@ class CodexClient:
                                                context=ssl.create_default_context())
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=self.config.connect_timeout)
+        conn.connect()
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn, False
 
     def close_idle(self):
@@ -1698,25 +1726,33 @@ class CodexStream:
         try:
             if self.conn.sock is not None:
                 self.conn.sock.settimeout(self.client.config.idle_timeout)
-                self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for event in read_sse(self.response):
                 self._queue.put(event)
         except socket.timeout:
-            self.conn.close()
+            self._close()
             self._queue.put(UpstreamBroken(idle_message(self.client.config.idle_timeout)))
             return
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            self.conn.close()
+            self._close()
             self._queue.put(UpstreamBroken("The connection to the Codex backend broke (%s)." % describe(exc)))
             return
         self._queue.put(_END)
         if self._aborted or self.response.will_close:
-            self.conn.close()
+            self._close()
         else:
             self.client.release(self.conn)
 
-    def events(self, ping_interval, idle_timeout, client_alive=None):
-        """Yield upstream events, or PING after ``ping_interval`` seconds of silence."""
+    def _close(self):
+        # Only the reader thread closes the response: its file object holds the socket open.
+        self.response.close()
+        self.conn.close()
+
+    def events(self, ping_interval, idle_timeout, check=None):
+        """Yield upstream events, or PING after ``ping_interval`` seconds of silence.
+
+        ``check`` runs about once a second while the upstream is quiet; it may
+        raise to stop (the client left, the proxy is shutting down).
+        """
         last_event = last_beat = time.monotonic()
         wait = min(ping_interval, 1.0)
         while True:
@@ -1724,8 +1760,8 @@ class CodexStream:
                 item = self._queue.get(timeout=wait)
             except queue.Empty:
                 now = time.monotonic()
-                if client_alive is not None and not client_alive():
-                    raise ClientGone()
+                if check is not None:
+                    check()
                 if now - last_event >= idle_timeout:
                     raise UpstreamBroken(idle_message(idle_timeout))
                 if now - last_beat >= ping_interval:
@@ -1922,7 +1958,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "
                413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
                504: "timeout_error", 529: "overloaded_error"}
 PING_EVENT = {"type": "ping"}
-MAX_BODY = 32 * 1024 * 1024     # Anthropic's own limit for /v1/messages
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 MODEL_ALIASES = (("claude-opus-5-5", "opus"), ("claude-sonnet-5-5", "sonnet"), ("claude-haiku-5-5", "haiku"))
 CODEX_MODELS = ("gpt-5.5", "gpt-5.4", "gpt-5.4-mini")
 
@@ -1938,9 +1974,31 @@ class ProxyServer(ThreadingHTTPServer):
         self.tokens = TokenStore(config)
         self.codex = CodexClient(config, self.tokens)
         self.proxy_key = config.proxy_key()
+        self.stopping = threading.Event()   # set on shutdown once running replies had their grace time
+        self.active = 0                     # replies being relayed now
+        self.active_lock = threading.Lock()
+        self.crashes = 0                    # handler exceptions that escaped (should stay 0)
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         ThreadingHTTPServer.__init__(self, (config.host.strip("[]"), config.port), handler or ProxyHandler)
+        port = self.server_address[1]
+        names = list(LOOPBACK_NAMES) + [config.host.lower()] + config.allowed_hosts
+        self.allowed_hosts = set(names) | {"%s:%d" % (name, port) for name in names}
+
+    def handle_error(self, request, client_address):
+        self.crashes += 1
+        ThreadingHTTPServer.handle_error(self, request, client_address)
+
+    def drain(self, timeout):
+        """Stop accepting; give running replies ``timeout`` seconds, then cut them cleanly."""
+        self.socket.close()
+        deadline = time.monotonic() + timeout
+        while self.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.stopping.set()
+        deadline = time.monotonic() + 3
+        while self.active and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     @property
     def url(self):
@@ -1961,10 +2019,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
         BaseHTTPRequestHandler.setup(self)
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def handle_one_request(self):
+        # A client may keep its connection idle for long between turns, but once
+        # a request starts, its headers must arrive promptly (slow clients hold a thread).
+        config = self.server.config
+        try:
+            self.connection.settimeout(config.keepalive_timeout)
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+            self.connection.settimeout(config.client_timeout)
+            BaseHTTPRequestHandler.handle_one_request(self)
+        except OSError:   # the client went away or stalled: nothing to answer
+            self.close_connection = True
+
     # -- dispatch ---------------------------------------------------------
 
     def do_HEAD(self):
         self._begin()
+        try:
+            self._check_origin()
+        except ProxyError as exc:
+            return self.send_error(exc.status, exc.message)
         self.send_response(200)
         self.send_header("request-id", self.request_id)
         self.send_header("Content-Length", "0")
@@ -1985,6 +2061,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._begin()
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         try:
+            self._check_origin()
             if path == "/health" and method == "GET":
                 return self._send_json(200, {"ok": True, "version": __version__,
                                              "logged_in": self.server.tokens.load() is not None})
@@ -2008,6 +2085,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.log_error("internal error on %s %s: %s", method, path, describe(exc))
             self._reply_error(ProxyError(500, "api_error", "Internal proxy error: %s" % describe(exc)))
 
+    def _check_origin(self):
+        """Refuse what a web page or a DNS-rebinding attack could send to a loopback port."""
+        host = (self.headers.get("Host") or "").strip().lower()
+        if host not in self.server.allowed_hosts:
+            raise ProxyError(403, "permission_error",
+                             "Host %r is not this proxy. Use http://127.0.0.1:%d, or add the name to "
+                             "CODEX_PROXY_ALLOWED_HOSTS." % (host[:100], self.server.server_address[1]))
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.strip().rstrip("/") not in self.server.config.allowed_origins:
+            raise ProxyError(403, "permission_error",
+                             "Requests from web pages (Origin %r) are refused. Add the origin to "
+                             "CODEX_PROXY_ALLOWED_ORIGINS if it is yours." % origin[:100])
+
     def _authenticate(self):
         given = self.headers.get("x-api-key") or ""
         bearer = self.headers.get("Authorization") or ""
@@ -2019,6 +2109,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
                              "`python codex_proxy.py start` printed.")
 
     def _read_json(self):
+        kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            self.close_connection = True
+            raise ProxyError(403, "permission_error",
+                             "Content-Type must be application/json (got %r)." % kind[:60])
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             raise ProxyError(400, "invalid_request_error", "Send the body with a Content-Length header.")
         try:
@@ -2027,23 +2122,43 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise ProxyError(400, "invalid_request_error", "Content-Length must be a number.")
         if length <= 0:
             raise invalid_request("A JSON request body is required.")
-        if length > MAX_BODY:
+        limit = self.server.config.max_body
+        if length > limit:
             self.close_connection = True
             raise ProxyError(413, "request_too_large",
-                             "The request body is larger than %d MiB." % (MAX_BODY // 1048576))
-        data = self.rfile.read(length)
+                             "The request body is larger than %d MiB (CODEX_PROXY_MAX_BODY_MB)." % (limit // 1048576))
+        data = self._read_body(length)
         try:
             return json.loads(data)
         except (ValueError, RecursionError) as exc:
             raise invalid_request("The request body is not valid JSON: %s" % describe(exc))
+
+    def _read_body(self, length):
+        """Read the body within client_timeout in total, not per packet: a trickle is cut too."""
+        deadline = time.monotonic() + self.server.config.client_timeout
+        chunks, left = [], length
+        try:
+            while left:
+                self.connection.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = self.rfile.read1(min(left, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+        except socket.timeout:
+            pass
+        if left:
+            self.close_connection = True
+            raise ProxyError(400, "invalid_request_error",
+                             "The request body did not arrive in time (%d of %d bytes)." % (length - left, length))
+        return b"".join(chunks)
 
     # -- routes -----------------------------------------------------------
 
     def handle_messages(self):
         body = self._read_json()
         codex_body, context = translate_request(body, self.headers.items(), self.server.config)
-        payload = json.dumps(codex_body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        self._relay(payload, context, body.get("stream") is True)
+        self._relay(json_bytes(codex_body), context, body.get("stream") is True)
 
     def handle_count_tokens(self):
         body = self._read_json()
@@ -2075,7 +2190,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _relay(self, payload, context, stream):
         """Send the turn upstream and answer the client, retrying while it has seen nothing."""
+        with self.server.active_lock:
+            self.server.active += 1
+        try:
+            self.connection.settimeout(self.server.config.idle_timeout)   # writes to a slow reader
+            self._relay_attempts(payload, context, stream)
+        finally:
+            with self.server.active_lock:
+                self.server.active -= 1
+
+    def _relay_attempts(self, payload, context, stream):
         config = self.server.config
+        stopping = self.server.stopping
         attempt = 0
         while True:
             translator = ResponseTranslator(context)
@@ -2083,7 +2209,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             upstream = None
             try:
                 upstream = self.server.codex.open(payload, context)
-                for event in upstream.events(config.ping_interval, config.idle_timeout, self._client_alive):
+                for event in upstream.events(config.ping_interval, config.idle_timeout, self._check_client):
+                    if stopping.is_set():
+                        self._check_client()
                     if event is PING:
                         if self.sse_started:
                             self._write_event(PING_EVENT)
@@ -2135,13 +2263,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self._reply_error(error)
             return
 
-    def _client_alive(self):
-        """False once the client has closed its end (readable with nothing to read)."""
+    def _check_client(self):
+        """Raise ClientGone once the client closed its end, or an error when the proxy stops."""
+        if self.server.stopping.is_set():
+            raise ProxyError(529, "overloaded_error", "The proxy is shutting down; try again.")
         try:
-            readable = select_readable(self.connection)
-            return not readable or self.connection.recv(1, socket.MSG_PEEK) != b""
+            gone = select_readable(self.connection) and self.connection.recv(1, socket.MSG_PEEK) == b""
         except OSError:
-            return False
+            gone = True
+        if gone:
+            raise ClientGone()
 
     # -- writing ----------------------------------------------------------
 
@@ -2156,8 +2287,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _write_event(self, event):
         """The one place an SSE event is written: one chunk, sent at once."""
-        data = ("event: %s\ndata: %s\n\n" % (
-            event["type"], json.dumps(event, ensure_ascii=False, separators=(",", ":")))).encode("utf-8")
+        data = b"event: %s\ndata: %s\n\n" % (event["type"].encode("ascii"), json_bytes(event))
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
     def _end_sse(self, close=False):
@@ -2166,7 +2296,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _send_json(self, status, doc, headers=None):
-        data = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        data = json_bytes(doc)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -2198,10 +2328,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):
         if self.server.config.verbose:
-            sys.stderr.write("%s %s\n" % (time.strftime("%H:%M:%S"), fmt % args))
+            self._log(fmt % args)
 
     def log_error(self, fmt, *args):
-        sys.stderr.write("%s error: %s\n" % (time.strftime("%H:%M:%S"), fmt % args))
+        self._log("error: " + fmt % args)
+
+    def _log(self, text):
+        text = redact(text).replace(self.server.proxy_key, "[redacted]")
+        sys.stderr.write("%s %s\n" % (time.strftime("%H:%M:%S"), text))
+
+
+SECRET_RE = re.compile(r"eyJ[\w-]{8,}\.[\w-]+\.[\w-]*|(?i:bearer)\s+\S+|\b(?:sk|cxp|rt|at)-[\w-]{8,}")
+
+
+def redact(text):
+    """Mask anything that looks like a token or key before it reaches a log."""
+    return SECRET_RE.sub("[redacted]", text)
+
+
+def json_bytes(doc):
+    """Compact UTF-8 JSON. JSON input may carry lone surrogates ("\\ud800"), which
+    UTF-8 cannot encode; they become "?" instead of an exception."""
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
 
 
 def select_readable(sock):
@@ -2229,8 +2377,26 @@ def config_from_args(args):
     return config
 
 
+def is_loopback(host):
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_start(args):
     config = config_from_args(args)
+    if not is_loopback(config.host):
+        if not config.api_key:
+            sys.stderr.write("Listening on %s would let other machines spend your subscription. Set "
+                             "CODEX_PROXY_API_KEY to a long random key first.\n" % config.host)
+            return 1
+        sys.stderr.write("Warning: listening on %s, not loopback: anyone who can reach this port and "
+                         "has the key can use your ChatGPT subscription.\n" % config.host)
     try:
         server = ProxyServer(config)
     except OSError as exc:
@@ -2252,12 +2418,23 @@ def cmd_start(args):
     print("  export ANTHROPIC_AUTH_TOKEN=%s" % server.proxy_key)
     print("  export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1\n")
     sys.stdout.flush()
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt()
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
-    finally:
-        server.server_close()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if server.active:
+        sys.stderr.write("Stopping: letting %d running replies finish (at most %g s).\n"
+                         % (server.active, config.drain_timeout))
+    server.drain(config.drain_timeout)
+    server.server_close()
+    server.codex.close_idle()
     return 0
 
 
