@@ -48,6 +48,7 @@ Translation in brief
 
 import argparse
 import base64
+import collections
 import hashlib
 import hmac
 import http.client
@@ -119,6 +120,7 @@ class Config:
         self.retries = 3                # extra attempts before any byte reached the client
         self.retry_delay = 0.25         # first backoff; doubles each attempt
         self.context_window = DEFAULT_CONTEXT_WINDOW
+        self.responses_lite = (env.get("CODEX_PROXY_RESPONSES_LITE") or "on").lower() not in ("0", "off", "no", "false")
         for name, value in overrides.items():
             if not hasattr(self, name):
                 raise TypeError("unknown setting: " + name)
@@ -653,8 +655,19 @@ def device_login(config, say, sleep=time.sleep, clock=time.monotonic):
 # Request translation: Anthropic Messages -> Codex Responses
 # ---------------------------------------------------------------------------
 
-REASONING_EFFORTS = ("low", "medium", "high", "xhigh")
-EFFORT_ALIASES = {"none": "low", "minimal": "low", "max": "xhigh", "ultra": "xhigh"}
+EFFORT_LADDER = ("none", "minimal", "low", "medium", "high", "xhigh", "max", "ultra")
+CLASSIC_EFFORTS = ("low", "medium", "high", "xhigh")
+# What the proxy knows without the live catalog (bundled Codex catalog, 2026-08, plus gpt-6-astra):
+# slug -> (efforts, uses Responses Lite, context window)
+BUILTIN_MODELS = {
+    "gpt-5.5": (CLASSIC_EFFORTS, False, 272000),
+    "gpt-5.4": (CLASSIC_EFFORTS, False, 272000),
+    "gpt-5.4-mini": (CLASSIC_EFFORTS, False, 272000),
+    "gpt-5.6-sol": (CLASSIC_EFFORTS + ("max", "ultra"), True, 272000),
+    "gpt-5.6-terra": (CLASSIC_EFFORTS + ("max", "ultra"), True, 272000),
+    "gpt-5.6-luna": (CLASSIC_EFFORTS + ("max",), True, 272000),
+    "gpt-6-astra": (CLASSIC_EFFORTS + ("max", "ultra"), True, 272000),
+}
 BILLING_HEADER = "x-anthropic-billing-header:"   # changes every request; kills prompt caching
 SIGNATURE_PREFIX = "cxp1:"
 NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}\Z")
@@ -667,7 +680,7 @@ class RequestContext:
     """What the reply translation needs to know about its request."""
 
     def __init__(self, requested_model, model, tool_names, thinking, stop_sequences,
-                 cache_key, codex_body=None, context_window=DEFAULT_CONTEXT_WINDOW):
+                 cache_key, codex_body=None, context_window=DEFAULT_CONTEXT_WINDOW, lite=False, models=()):
         self.requested_model = requested_model   # echoed back as Message.model
         self.model = model                       # the Codex model asked for
         self.tool_names = tool_names             # Codex tool name -> client tool name
@@ -676,15 +689,19 @@ class RequestContext:
         self.cache_key = cache_key
         self.codex_body = codex_body
         self.context_window = context_window
+        self.lite = lite                         # sent in the Responses Lite shape
+        self.models = models                     # the models this account can use, as far as known
 
     def input_estimate(self):
         return estimate_tokens(self.codex_body or {})
 
 
-def translate_request(body, headers, config):
+def translate_request(body, headers, config, catalog=None):
     """Anthropic /v1/messages body -> (Codex /responses body, RequestContext).
 
-    Pure: no I/O. Raises ProxyError(400) naming the offending field.
+    Pure: no I/O. ``catalog`` maps model slugs to Codex catalog entries (the
+    built-in table stands in for models it lacks). Raises ProxyError(400)
+    naming the offending field.
     """
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
@@ -707,8 +724,9 @@ def translate_request(body, headers, config):
         translate_message(items, message, "messages.%d" % i, names, model)
     items = repair_tool_pairs(items)
 
+    efforts, lite, window = model_profile(model, catalog)
     effort, thinking, show = reasoning_settings(body, suffix_effort)
-    reasoning = {"effort": effort}
+    reasoning = {"effort": clamp_effort(effort, efforts)}
     if show:
         reasoning["summary"] = "auto"
     tool_choice, parallel = translate_tool_choice(body.get("tool_choice"), tools, names)
@@ -729,12 +747,59 @@ def translate_request(body, headers, config):
     text_format = output_format(body)
     if text_format:
         codex["text"] = {"format": text_format}
+    hosted = any(t["type"] != "function" for t in tools)
+    lite = lite and config.responses_lite and not hosted   # Lite refuses hosted tools such as web search
+    if lite:
+        make_lite(codex)
     stops = body.get("stop_sequences")
     stops = [s for s in stops if isinstance(s, str) and s] if isinstance(stops, list) else []
     reverse = {codex_name: name for name, codex_name in names.items()}
-    context = RequestContext(requested, model, reverse, thinking, stops, cache_key,
-                             codex, config.context_window)
+    context = RequestContext(requested, model, reverse, thinking, stops, cache_key, codex,
+                             window or config.context_window, lite, sorted(catalog or BUILTIN_MODELS))
     return codex, context
+
+
+def model_profile(model, catalog):
+    """-> (reasoning efforts, uses Responses Lite, context window) for a model slug."""
+    entry = (catalog or {}).get(model)
+    if isinstance(entry, dict):
+        levels = [level.get("effort") for level in entry.get("supported_reasoning_levels") or []
+                  if isinstance(level, dict)]
+        efforts = tuple(e for e in EFFORT_LADDER if e in levels) or CLASSIC_EFFORTS
+        window = entry.get("context_window")
+        return efforts, entry.get("use_responses_lite") is True, window if isinstance(window, int) else None
+    return BUILTIN_MODELS.get(model, (CLASSIC_EFFORTS, False, None))
+
+
+def clamp_effort(effort, efforts):
+    """The nearest effort the model has (the lower one on a tie); ultra goes out as max, as in Codex."""
+    if effort not in efforts:
+        rank = EFFORT_LADDER.index(effort)
+        effort = min(efforts, key=lambda e: (abs(EFFORT_LADDER.index(e) - rank), EFFORT_LADDER.index(e)))
+    return "max" if effort == "ultra" else effort
+
+
+LITE_HEADER = "x-openai-internal-codex-responses-lite"
+
+
+def make_lite(codex):
+    """Reshape a classic body into "Responses Lite" (codex-backend.md 6.6), in place."""
+    tools = codex.pop("tools")
+    del codex["instructions"]
+    codex["input"] = [{"type": "additional_tools", "role": "developer", "tools": [
+        {"type": "namespace", "name": "functions", "description": "", "tools": tools}]}] + codex["input"]
+    codex["parallel_tool_calls"] = False
+    codex["reasoning"]["context"] = "all_turns"
+    for item in codex["input"]:
+        if item["type"] == "function_call":
+            item["namespace"] = "functions"
+        parts = item.get("content") if item["type"] == "message" else item.get("output")
+        if isinstance(parts, list):
+            for n, part in enumerate(parts):
+                if part.get("type") == "input_image":
+                    part.pop("detail", None)
+                    if not part["image_url"].startswith("data:"):
+                        parts[n] = input_text("[image at %s]" % part["image_url"])
 
 
 def resolve_model(requested, models):
@@ -761,10 +826,8 @@ def split_effort(name):
 
 
 def normalize_effort(value):
-    if not isinstance(value, str):
-        return None
-    value = EFFORT_ALIASES.get(value.lower(), value.lower())
-    return value if value in REASONING_EFFORTS else None
+    value = value.lower() if isinstance(value, str) else None
+    return value if value in EFFORT_LADDER else None
 
 
 def reasoning_settings(body, suffix_effort):
@@ -1202,7 +1265,8 @@ class _Item:
     """Progress of one upstream output item."""
 
     __slots__ = ("kind", "block", "index", "finished", "got_text", "pending", "hold",
-                 "call_id", "name", "args", "sent_args", "wrote_thinking", "section_break")
+                 "call_id", "name", "args", "sent_args", "wrote_thinking", "section_break",
+                 "held", "annotations")
 
     def __init__(self, kind):
         self.kind = kind          # message, reasoning, function_call or other
@@ -1218,11 +1282,15 @@ class _Item:
         self.sent_args = False
         self.wrote_thinking = False
         self.section_break = False
+        self.held = None          # text held back after a web search, until its results are known
+        self.annotations = []
 
 
-ITEM_KINDS = {"message": "message", "reasoning": "reasoning", "function_call": "function_call"}
+ITEM_KINDS = {"message": "message", "reasoning": "reasoning", "function_call": "function_call",
+              "web_search_call": "web_search"}
 DELTA_KINDS = {
     "response.output_text.delta": "message",
+    "response.output_text.annotation.added": "message",
     "response.refusal.delta": "message",
     "response.reasoning_summary_text.delta": "reasoning",
     "response.reasoning_text.delta": "reasoning",
@@ -1258,6 +1326,9 @@ class ResponseTranslator:
         self.refusal = False
         self.cut_short = False    # ended by a stop sequence before the upstream finished
         self.output_chars = 0
+        self.searches = []        # web searches whose blocks wait for the text that cites them
+        self.search_count = 0
+        self.upstream_usage = None
 
     def feed(self, event):
         self.out = []
@@ -1314,7 +1385,13 @@ class ResponseTranslator:
         elif kind in ("response.output_text.delta", "response.refusal.delta"):
             self.refusal = self.refusal or kind == "response.refusal.delta"
             item.got_text = True
-            self._text(item, event.get("delta"))
+            if item.held is not None:
+                item.held += event.get("delta") if isinstance(event.get("delta"), str) else ""
+            else:
+                self._text(item, event.get("delta"))
+        elif kind == "response.output_text.annotation.added":
+            if isinstance(event.get("annotation"), dict):
+                item.annotations.append(event["annotation"])
         elif kind == "response.function_call_arguments.delta":
             self._arguments(item, event.get("delta"))
         elif kind == "response.reasoning_summary_part.added":
@@ -1331,6 +1408,11 @@ class ResponseTranslator:
     # -- per item --------------------------------------------------------
 
     def _added(self, item, payload):
+        if self.searches:
+            if item.kind == "message":
+                item.held = ""   # its citations are the results of the pending searches
+            elif item.kind != "web_search":
+                self._flush_searches(None, [])
         if item.kind == "reasoning" and self.ctx.thinking:
             self._open(item, {"type": "thinking", "thinking": "", "signature": ""})
         elif item.kind == "function_call":
@@ -1347,6 +1429,10 @@ class ResponseTranslator:
                 encrypted = payload.get("encrypted_content")
                 signature = thinking_signature(self.ctx.model, encrypted) if isinstance(encrypted, str) and encrypted else ""
                 self._delta(item, {"type": "signature_delta", "signature": signature})
+        elif item.kind == "web_search":
+            self._search_done(payload)
+        elif item.kind == "message" and item.held is not None:
+            self._cited_message(item, payload)
         elif item.kind == "message":
             if not item.got_text:
                 for part in payload.get("content") or []:
@@ -1436,6 +1522,55 @@ class ResponseTranslator:
         else:
             item.args += delta
 
+    def _search_done(self, payload):
+        action = payload.get("action") if isinstance(payload.get("action"), dict) else {}
+        query = action.get("query") or " | ".join(q for q in action.get("queries") or [] if isinstance(q, str))
+        sources = [s for s in action.get("sources") or [] if isinstance(s, dict) and s.get("url")]
+        self.searches.append({"id": "srvtoolu_" + digest_of(str(payload.get("id") or len(self.searches)))[:24],
+                              "query": query or "", "sources": sources,
+                              "failed": payload.get("status") == "failed"})
+        self.search_count += 1
+
+    def _cited_message(self, item, payload):
+        """A message written after web searches: search blocks first, then the text with citations."""
+        text, annotations = item.held, list(item.annotations)
+        for part in payload.get("content") or []:
+            if isinstance(part, dict) and part.get("type") == "output_text" and isinstance(part.get("text"), str):
+                if not item.got_text:
+                    text += part["text"]
+                if isinstance(part.get("annotations"), list):
+                    annotations = part["annotations"]
+        citations = [web_citation(a, text) for a in annotations
+                     if isinstance(a, dict) and a.get("type") == "url_citation" and a.get("url")]
+        item.held = None
+        self._flush_searches(item, citations)
+        self._text(item, text)
+        if item.block == "text":
+            for citation in citations:
+                self._delta(item, {"type": "citations_delta", "citation": citation})
+
+    def _flush_searches(self, item, citations):
+        """Emit each pending search as server_tool_use + web_search_tool_result."""
+        searches, self.searches = self.searches, []
+        found = []
+        for citation in citations:
+            if citation["url"] not in [r["url"] for r in found]:
+                found.append(citation)
+        holder = item or _Item("web_search")
+        for n, search in enumerate(searches):
+            self._open(holder, {"type": "server_tool_use", "id": search["id"], "name": "web_search", "input": {}})
+            self._delta(holder, {"type": "input_json_delta", "partial_json": json.dumps({"query": search["query"]})})
+            self._close(holder)
+            if search["failed"]:
+                content = {"type": "web_search_tool_result_error", "error_code": "unavailable"}
+            else:
+                # Results come from the backend's sources when it gives them, else from what
+                # the following text cites (credited to the last search before it).
+                pages = search["sources"] or (found if n == len(searches) - 1 else [])
+                content = [web_result(page) for page in pages]
+            self._open(holder, {"type": "web_search_tool_result", "tool_use_id": search["id"], "content": content})
+            self._close(holder)
+
     def _open_tool(self, item):
         name = self.ctx.tool_names.get(item.name, item.name)
         self._open(item, {"type": "tool_use", "id": codex_call_id(item.call_id), "name": name, "input": {}})
@@ -1470,6 +1605,8 @@ class ResponseTranslator:
         self.has_output = True
         response = event.get("response") if isinstance(event.get("response"), dict) else {}
         self._finish_items()
+        if self.searches:
+            self._flush_searches(None, [])
         streamed = bool(self.items)
         for payload in response.get("output") or []:
             # Items that only the final snapshot carries (no added/done events).
@@ -1484,6 +1621,7 @@ class ResponseTranslator:
             stop = "refusal" if reason == "content_filter" else "max_tokens"
         else:
             stop = "tool_use" if self.tool_use else "refusal" if self.refusal else "end_turn"
+        self.upstream_usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
         self._message_end(stop, None, response.get("usage"))
 
     def _finish_items(self):
@@ -1499,11 +1637,29 @@ class ResponseTranslator:
         if usage is None:   # cut short by a stop sequence: the upstream never counted
             usage = {"input_tokens": self.ctx.input_estimate(),
                      "output_tokens": self.output_chars // 4 + 1}
+        usage = anthropic_usage(usage)
+        if self.search_count:
+            usage["server_tool_use"] = {"web_search_requests": self.search_count}
         self.out.append({"type": "message_delta",
                          "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                         "usage": anthropic_usage(usage)})
+                         "usage": usage})
         self.out.append({"type": "message_stop"})
         self.finished = True
+
+
+def web_result(page):
+    url = str(page.get("url"))
+    return {"type": "web_search_result", "url": url, "title": str(page.get("title") or url),
+            "encrypted_content": "cxp-ws-" + digest_of(url)[:32], "page_age": None}
+
+
+def web_citation(annotation, text):
+    """A url_citation annotation -> Anthropic's web_search_result_location."""
+    start, end = annotation.get("start_index"), annotation.get("end_index")
+    cited = text[start:end] if isinstance(start, int) and isinstance(end, int) else ""
+    url = str(annotation["url"])
+    return {"type": "web_search_result_location", "url": url, "title": str(annotation.get("title") or url),
+            "encrypted_index": "cxp-ci-" + digest_of("%s#%s" % (url, start))[:24], "cited_text": cited[:150]}
 
 
 def anthropic_usage(usage):
@@ -1574,7 +1730,7 @@ class ClientGone(Exception):
 
 
 class CodexClient:
-    """Sends translated requests to the Codex backend over reused keep-alive connections."""
+    """Talks to the Codex backend over reused keep-alive connections."""
 
     def __init__(self, config, tokens):
         self.config = config
@@ -1585,61 +1741,87 @@ class CodexClient:
         self.https = url.scheme == "https"
         self.host = url.hostname
         self.port = url.port or (443 if self.https else 80)
-        self.path = url.path.rstrip("/") + "/responses"
+        self.base = url.path.rstrip("/")                          # /backend-api/codex
+        self.usage_path = self.base.rsplit("/", 1)[0] + "/wham/usage"   # /backend-api/wham/usage
         self._idle = []
         self._lock = threading.Lock()
 
-    def headers(self, context, force_refresh=False):
+    def auth_headers(self, force_refresh=False):
         access, account = self.tokens.credentials(force_refresh)
         headers = {
             "Authorization": "Bearer " + access,
-            "Content-Type": "application/json",
-            "Accept": "text/event-stream",
             "originator": ORIGINATOR,
             "User-Agent": "%s/%s (%s %s; %s) codex-proxy/%s" % (
                 ORIGINATOR, CODEX_CLIENT_VERSION, platform.system() or "Unknown",
                 platform.release() or "0", platform.machine() or "unknown", __version__),
             "version": CODEX_CLIENT_VERSION,
-            "session-id": context.cache_key,
-            "x-client-request-id": context.cache_key,
         }
         if account:
             headers["ChatGPT-Account-ID"] = account
         return headers
 
     def open(self, payload, context):
-        """Send one request; return a CodexStream for a 200, else raise ProxyError or UpstreamBroken.
-
-        A 401 gets one token refresh and one more try.
-        """
-        conn, response = self._send(payload, self.headers(context))
-        if response.status == 401:
-            drain(response)
-            if response.will_close or not response.isclosed():
-                response.close()
-                conn.close()
-            else:
-                self.release(conn)
-            conn, response = self._send(payload, self.headers(context, force_refresh=True))
+        """POST a turn; return a CodexStream for a 200, else raise ProxyError or UpstreamBroken."""
+        extra = {"Content-Type": "application/json", "Accept": "text/event-stream",
+                 "session-id": context.cache_key, "x-client-request-id": context.cache_key}
+        if context.lite:
+            extra[LITE_HEADER] = "true"
+        conn, response = self._request("POST", self.base + "/responses", payload, extra)
         if response.status == 200:
             return CodexStream(self, conn, response)
+        raise self._failure(conn, response, context)
+
+    def get_json(self, path):
+        """GET a JSON document from the backend: (document, response headers)."""
+        conn, response = self._request("GET", path, None, {"Accept": "application/json"})
+        if response.status != 200:
+            raise self._failure(conn, response, None)
+        try:
+            body = response.read()
+            doc = json.loads(body)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            conn.close()
+            raise UpstreamBroken("The Codex backend sent an unreadable reply (%s)." % describe(exc))
+        self._finish(conn, response)
+        return doc, response.headers
+
+    def _request(self, method, path, payload, extra):
+        """Send with the login's headers; a 401 gets one token refresh and one more try."""
+        conn, response = self._send(method, path, payload, dict(self.auth_headers(), **extra))
+        if response.status == 401:
+            drain(response)
+            self._finish(conn, response)
+            conn, response = self._send(method, path, payload, dict(self.auth_headers(force_refresh=True), **extra))
+        return conn, response
+
+    def _failure(self, conn, response, context):
         body = drain(response)
         response.close()
         conn.close()
-        raise upstream_http_error(response.status, body, response.headers, context)
+        error = upstream_http_error(response.status, body, response.headers, context)
+        error.headers.update(unified_ratelimit_headers(quota_from_headers(response.headers)))
+        return error
 
-    def _send(self, payload, headers):
+    def _finish(self, conn, response):
+        """Pool the connection when its reply was read to the end, else close it."""
+        if response.will_close or not response.isclosed():
+            response.close()
+            conn.close()
+        else:
+            self.release(conn)
+
+    def _send(self, method, path, payload, headers):
         conn = None
         try:
             conn, reused = self._acquire()
             try:
-                response = self._exchange(conn, payload, headers)
+                response = self._exchange(conn, method, path, payload, headers)
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 if not reused:
                     raise
                 conn.close()   # a pooled connection the server had closed: try a fresh one once
                 conn, reused = self._acquire(fresh=True)
-                response = self._exchange(conn, payload, headers)
+                response = self._exchange(conn, method, path, payload, headers)
         except socket.timeout:
             conn and conn.close()
             raise UpstreamBroken("The Codex backend at %s did not answer in time." % self.host)
@@ -1649,9 +1831,9 @@ class CodexClient:
                                  "connection or CODEX_PROXY_UPSTREAM." % (self.host, describe(exc)))
         return conn, response
 
-    def _exchange(self, conn, payload, headers):
+    def _exchange(self, conn, method, path, payload, headers):
         conn.sock.settimeout(self.config.first_byte_timeout)
-        conn.request("POST", self.path, payload, headers)
+        conn.request(method, path, payload, headers)
         return conn.getresponse()
 
     def _acquire(self, fresh=False):
@@ -1847,9 +2029,11 @@ def upstream_http_error(status, body, headers, context):
                           "to sign in again." % (message or "401"))
     if "not supported when using Codex with a ChatGPT account" in message or (
             status == 400 and "model" in message.lower() and "not supported" in message.lower()):
+        model, models = (context.model, context.models) if context else ("?", ())
         return ProxyError(400, "invalid_request_error",
-                          "The model %r is not available with this ChatGPT account (%s). Pick another "
-                          "one, e.g. CODEX_PROXY_OPUS_MODEL=gpt-5.5." % (context.model, message),
+                          "The model %r is not available with this ChatGPT account (%s). Models it can "
+                          "use: %s. Pick one with CODEX_PROXY_OPUS_MODEL (and _SONNET_, _HAIKU_) or "
+                          "MODEL:EFFORT." % (model, message, ", ".join(models) or "see `python codex_proxy.py models`"),
                           {"x-should-retry": "false"})
     if code in ("usage_limit_reached", "usage_not_included", "insufficient_quota", "rate_limit_exceeded",
                 "context_length_exceeded", "server_is_overloaded", "slow_down",
@@ -1949,6 +2133,151 @@ def human_duration(seconds):
     return "%d min" % max(minutes, 1)
 
 
+def quota_from_headers(headers):
+    """The x-codex-primary-*/secondary-* usage windows of a backend reply, or None."""
+    windows = {}
+    for name in ("primary", "secondary"):
+        used = header_number(headers, "x-codex-%s-used-percent" % name)
+        if used is None:
+            continue
+        reset_at = header_number(headers, "x-codex-%s-reset-at" % name)
+        after = header_number(headers, "x-codex-%s-reset-after-seconds" % name)
+        if reset_at is None and after is not None:
+            reset_at = time.time() + after
+        windows[name] = {"used_percent": used,
+                         "window_minutes": header_number(headers, "x-codex-%s-window-minutes" % name),
+                         "resets_at": int(reset_at) if reset_at else None}
+    if not windows:
+        return None
+    return {"plan": headers.get("x-codex-plan-type"), "windows": windows, "updated_at": int(time.time())}
+
+
+def quota_from_usage(doc):
+    """The same windows from GET /wham/usage."""
+    limits = doc.get("rate_limit") if isinstance(doc.get("rate_limit"), dict) else {}
+    windows = {}
+    for name in ("primary", "secondary"):
+        window = limits.get(name + "_window")
+        if not isinstance(window, dict) or not isinstance(window.get("used_percent"), (int, float)):
+            continue
+        reset_at = window.get("reset_at")
+        if not isinstance(reset_at, (int, float)) and isinstance(window.get("reset_after_seconds"), (int, float)):
+            reset_at = time.time() + window["reset_after_seconds"]
+        seconds = window.get("limit_window_seconds")
+        windows[name] = {"used_percent": float(window["used_percent"]),
+                         "window_minutes": seconds // 60 if isinstance(seconds, int) else None,
+                         "resets_at": int(reset_at) if isinstance(reset_at, (int, float)) else None}
+    return {"plan": doc.get("plan_type"), "windows": windows, "updated_at": int(time.time())}
+
+
+def header_number(headers, name):
+    try:
+        return float(headers.get(name))
+    except (TypeError, ValueError):
+        return None
+
+
+WINDOW_LABELS = {300: ("5h", "five_hour"), 10080: ("7d", "seven_day")}
+
+
+def unified_ratelimit_headers(quota):
+    """Codex usage windows as the anthropic-ratelimit-unified-* headers Claude Code reads."""
+    if not quota:
+        return {}
+    out, worst = {}, None
+    for name, window in sorted(quota["windows"].items()):
+        label, claim = WINDOW_LABELS.get(window["window_minutes"], ("5h", "five_hour") if name == "primary"
+                                         else ("7d", "seven_day"))
+        used = window["used_percent"] / 100.0
+        status = "rejected" if used >= 1 else "allowed_warning" if used >= 0.8 else "allowed"
+        prefix = "anthropic-ratelimit-unified-" + label
+        out[prefix + "-utilization"] = "%.4g" % used
+        out[prefix + "-status"] = status
+        if window["resets_at"]:
+            out[prefix + "-reset"] = str(window["resets_at"])
+        if worst is None or used > worst[0]:
+            worst = (used, status, window["resets_at"], claim)
+    out["anthropic-ratelimit-unified-status"] = worst[1]
+    out["anthropic-ratelimit-unified-representative-claim"] = worst[3]
+    if worst[2]:
+        out["anthropic-ratelimit-unified-reset"] = str(worst[2])
+    return out
+
+
+class ModelCatalog:
+    """The account's models, from GET {upstream}/models; 5 minutes in memory, kept on disk.
+
+    ``current()`` never waits for the network: stale data is served while a
+    refresh runs in the background, and the built-in table stands in before
+    the first answer.
+    """
+
+    TTL = 300
+
+    def __init__(self, config, client):
+        self.client = client
+        self.path = config.home / "models_cache.json"
+        self._models = None
+        self._fetched = 0.0
+        self._refreshing = threading.Lock()
+
+    def current(self):
+        if self._models is None:
+            self._load()
+        if time.time() - self._fetched > self.TTL and self._refreshing.acquire(blocking=False):
+            threading.Thread(target=self._refresh_quietly, daemon=True).start()
+        return self._models or {}
+
+    def refresh(self):
+        """Fetch now (raises ProxyError or UpstreamBroken); return slug -> entry."""
+        doc, _ = self.client.get_json(self.client.base + "/models?client_version=" + CODEX_CLIENT_VERSION)
+        models = {m["slug"]: m for m in doc.get("models") or [] if isinstance(m, dict) and isinstance(m.get("slug"), str)}
+        self._models, self._fetched = models, time.time()
+        try:
+            write_private_file(self.path, json.dumps({"fetched_at": int(self._fetched), "models": list(models.values())}))
+        except OSError:
+            pass
+        return models
+
+    def _refresh_quietly(self):
+        try:
+            self.refresh()
+        except (ProxyError, UpstreamBroken, OSError):
+            self._fetched = time.time()   # try again after the next TTL, not on every request
+        finally:
+            self._refreshing.release()
+
+    def _load(self):
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            self._models = {m["slug"]: m for m in doc["models"]}
+            self._fetched = float(doc["fetched_at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            self._models = None
+
+
+class TokenCalibration:
+    """Per conversation, how the backend's input count relates to the local estimate."""
+
+    def __init__(self, size=512):
+        self.size = size
+        self._ratios = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def learn(self, key, estimate, actual):
+        if estimate <= 0 or actual <= 0:
+            return
+        with self._lock:
+            self._ratios[key] = min(max(actual / float(estimate), 0.25), 4.0)
+            self._ratios.move_to_end(key)
+            while len(self._ratios) > self.size:
+                self._ratios.popitem(last=False)
+
+    def estimate(self, key, estimate):
+        with self._lock:
+            return int(round(estimate * self._ratios.get(key, 1.0)))
+
+
 # ---------------------------------------------------------------------------
 # HTTP server: the Anthropic side
 # ---------------------------------------------------------------------------
@@ -1960,7 +2289,6 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "
 PING_EVENT = {"type": "ping"}
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 MODEL_ALIASES = (("claude-opus-5-5", "opus"), ("claude-sonnet-5-5", "sonnet"), ("claude-haiku-5-5", "haiku"))
-CODEX_MODELS = ("gpt-5.5", "gpt-5.4", "gpt-5.4-mini")
 
 
 class ProxyServer(ThreadingHTTPServer):
@@ -1973,6 +2301,10 @@ class ProxyServer(ThreadingHTTPServer):
         self.config = config
         self.tokens = TokenStore(config)
         self.codex = CodexClient(config, self.tokens)
+        self.catalog = ModelCatalog(config, self.codex)
+        self.calibration = TokenCalibration()
+        self.quota = load_quota(config)
+        self._quota_saved = 0.0
         self.proxy_key = config.proxy_key()
         self.stopping = threading.Event()   # set on shutdown once running replies had their grace time
         self.active = 0                     # replies being relayed now
@@ -1984,6 +2316,14 @@ class ProxyServer(ThreadingHTTPServer):
         port = self.server_address[1]
         names = list(LOOPBACK_NAMES) + [config.host.lower()] + config.allowed_hosts
         self.allowed_hosts = set(names) | {"%s:%d" % (name, port) for name in names}
+
+    def note_quota(self, quota):
+        """Keep the newest usage windows; on disk too (for `status`), at most every 10 s."""
+        changed = not self.quota or self.quota["windows"] != quota["windows"]
+        self.quota = quota
+        if changed and time.time() - self._quota_saved > 10:
+            self._quota_saved = time.time()
+            save_quota(self.config, quota)
 
     def handle_error(self, request, client_address):
         self.crashes += 1
@@ -2157,13 +2497,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def handle_messages(self):
         body = self._read_json()
-        codex_body, context = translate_request(body, self.headers.items(), self.server.config)
+        codex_body, context = translate_request(body, self.headers.items(), self.server.config,
+                                                self.server.catalog.current())
         self._relay(json_bytes(codex_body), context, body.get("stream") is True)
 
     def handle_count_tokens(self):
         body = self._read_json()
-        codex_body, _ = translate_request(body, self.headers.items(), self.server.config)
-        self._send_json(200, {"input_tokens": estimate_tokens(codex_body)})
+        codex_body, context = translate_request(body, self.headers.items(), self.server.config,
+                                                self.server.catalog.current())
+        # A local estimate, scaled by how the backend counted this conversation's last turn.
+        tokens = self.server.calibration.estimate(context.cache_key, estimate_tokens(codex_body))
+        self._send_json(200, {"input_tokens": tokens})
 
     def handle_models(self):
         models = self._model_list()
@@ -2178,12 +2522,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
         raise ProxyError(404, "not_found_error", "Unknown model: %s." % model_id)
 
     def _model_list(self):
+        """The claude-* aliases this proxy maps, then the account's Codex models."""
         mapping = self.server.config.models
-        out = [model_entry(alias, "%s (Codex %s)" % (family.title(), mapping[family]))
-               for alias, family in MODEL_ALIASES]
-        for slug in list(CODEX_MODELS) + [split_effort(m)[0] for m in mapping.values()]:
+        catalog = self.server.catalog.current()
+        out = []
+        for alias, family in MODEL_ALIASES:
+            target = split_effort(mapping[family])[0]
+            window = model_profile(target, catalog)[2]
+            out.append(model_entry(alias, "%s (Codex %s)" % (family.title(), mapping[family]), window))
+        slugs = list(catalog) or list(BUILTIN_MODELS)
+        for slug in slugs + [split_effort(m)[0] for m in mapping.values()]:
             if slug not in [m["id"] for m in out]:
-                out.append(model_entry(slug, slug.replace("gpt-", "GPT-") + " (Codex)"))
+                entry = catalog.get(slug) or {}
+                name = entry.get("display_name") or slug.replace("gpt-", "GPT-")
+                out.append(model_entry(slug, "%s (Codex)" % name, model_profile(slug, catalog)[2]))
         return out
 
     # -- relaying a turn --------------------------------------------------
@@ -2221,7 +2573,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         # The 200 is held until the upstream produced output, so that
                         # failures at the start become real HTTP errors.
                         if not self.sse_started:
-                            self._start_sse()
+                            self._start_sse(upstream)
                             out, held = held + out, []
                         for item in out:
                             self._write_event(item)
@@ -2248,7 +2600,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 if stream:
                     self._end_sse()
                 else:
-                    self._send_json(200, fold_message(held))
+                    self._send_json(200, fold_message(held), unified_ratelimit_headers(quota_from_headers(upstream.headers)))
+                self._learn(context, translator, upstream)
                 return
             if upstream is not None:
                 upstream.abort()
@@ -2263,6 +2616,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self._reply_error(error)
             return
 
+    def _learn(self, context, translator, upstream):
+        """After the reply: calibrate count_tokens, keep the usage windows."""
+        usage = translator.upstream_usage
+        if usage:
+            self.server.calibration.learn(context.cache_key, context.input_estimate(), as_int(usage.get("input_tokens")))
+        quota = quota_from_headers(upstream.headers)
+        if quota:
+            self.server.note_quota(quota)
+
     def _check_client(self):
         """Raise ClientGone once the client closed its end, or an error when the proxy stops."""
         if self.server.stopping.is_set():
@@ -2276,12 +2638,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- writing ----------------------------------------------------------
 
-    def _start_sse(self):
+    def _start_sse(self, upstream):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("request-id", self.request_id)
+        for name, value in unified_ratelimit_headers(quota_from_headers(upstream.headers)).items():
+            self.send_header(name, value)
         self.end_headers()
         self.sse_started = True
 
@@ -2357,9 +2721,24 @@ def select_readable(sock):
     return select.select([sock], [], [], 0)[0]
 
 
-def model_entry(model_id, display_name):
+def model_entry(model_id, display_name, window=None):
     return {"type": "model", "id": model_id, "display_name": display_name,
-            "created_at": "2026-01-01T00:00:00Z", "max_input_tokens": DEFAULT_CONTEXT_WINDOW}
+            "created_at": "2026-01-01T00:00:00Z", "max_input_tokens": window or DEFAULT_CONTEXT_WINDOW}
+
+
+def load_quota(config):
+    try:
+        doc = json.loads((config.home / "quota.json").read_text(encoding="utf-8"))
+        return doc if isinstance(doc, dict) and isinstance(doc.get("windows"), dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def save_quota(config, quota):
+    try:
+        write_private_file(config.home / "quota.json", json.dumps(quota))
+    except OSError:
+        pass
 
 
 # ---------------------------------------------------------------------------
@@ -2487,11 +2866,43 @@ def login_status(config):
         "access_token_expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry)) if expiry else None,
         "access_token_expired": expired,
         "last_refresh": doc.get("last_refresh") if doc else None,
+        "quota": load_quota(config),
     }
 
 
+def live_quota(config):
+    """Ask the backend for the usage windows now (GET /wham/usage); keep them for later."""
+    client = CodexClient(config, TokenStore(config))
+    try:
+        doc, _ = client.get_json(client.usage_path)
+    finally:
+        client.close_idle()
+    quota = quota_from_usage(doc)
+    save_quota(config, quota)
+    return quota
+
+
+def describe_quota(quota):
+    lines = []
+    for name, window in sorted((quota or {}).get("windows", {}).items()):
+        minutes = window.get("window_minutes")
+        label = WINDOW_LABELS.get(minutes, ("%s" % name,))[0] if minutes else name
+        resets = window.get("resets_at")
+        when = " resets in %s" % human_duration(max(resets - time.time(), 60)) if resets else ""
+        lines.append("Usage, %s window: %g%% used,%s" % (label, window["used_percent"], when))
+    if quota and quota.get("updated_at"):
+        lines.append("(as of %s)" % time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(quota["updated_at"])))
+    return lines
+
+
 def cmd_status(args):
-    status = login_status(Config())
+    config = Config()
+    status = login_status(config)
+    if args.live and status["logged_in"]:
+        try:
+            status["quota"] = live_quota(config)
+        except (ProxyError, UpstreamBroken) as exc:
+            sys.stderr.write("Could not ask the backend for the usage windows: %s\n" % exc)
     if args.json:
         print(json.dumps(status, indent=2))
     elif not status["logged_in"]:
@@ -2505,7 +2916,41 @@ def cmd_status(args):
                 "expired" if status["access_token_expired"] else "expires", status["access_token_expires_at"]))
         if not status["usable"]:
             print("This login cannot be refreshed. Run `python codex_proxy.py login`.")
+        for line in describe_quota(status["quota"]) or ["Usage windows: not known yet (add --live to ask)."]:
+            print(line)
     return 0 if status["usable"] else 1
+
+
+def cmd_models(args):
+    config = Config()
+    client = CodexClient(config, TokenStore(config))
+    catalog = ModelCatalog(config, client)
+    try:
+        models = catalog.refresh()
+    except (ProxyError, UpstreamBroken) as exc:
+        sys.stderr.write("Could not fetch the model list (%s); showing what is known offline.\n" % exc)
+        models = catalog.current()
+    finally:
+        client.close_idle()
+    if args.json:
+        print(json.dumps([model_summary(slug, models) for slug in (models or BUILTIN_MODELS)], indent=2))
+        return 0
+    print("%-16s %-9s %-34s %-8s %s" % ("MODEL", "CONTEXT", "EFFORTS", "DEFAULT", "SHAPE"))
+    for slug in models or BUILTIN_MODELS:
+        info = model_summary(slug, models)
+        print("%-16s %-9s %-34s %-8s %s" % (slug, "%dk" % (info["context_window"] // 1000),
+                                           ", ".join(info["efforts"]), info["default_effort"] or "-",
+                                           "lite" if info["responses_lite"] else "classic"))
+    mapping = ", ".join("%s -> %s" % item for item in sorted(config.models.items()))
+    print("\nClaude model names map as: %s (CODEX_PROXY_*_MODEL)." % mapping)
+    return 0
+
+
+def model_summary(slug, catalog):
+    efforts, lite, window = model_profile(slug, catalog)
+    entry = (catalog or {}).get(slug) or {}
+    return {"model": slug, "display_name": entry.get("display_name") or slug, "context_window": window or DEFAULT_CONTEXT_WINDOW,
+            "efforts": list(efforts), "default_effort": entry.get("default_reasoning_level"), "responses_lite": lite}
 
 
 def cmd_logout(args):
@@ -2555,7 +3000,13 @@ def build_parser():
     status = commands.add_parser("status", help="show the ChatGPT login",
                                  description="Show the login in use; exit 0 when it is usable, 1 otherwise.")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--live", action="store_true", help="ask the backend for the current usage windows")
     status.set_defaults(func=cmd_status)
+    models = commands.add_parser("models", help="list the Codex models of this account",
+                                 description="List the models this ChatGPT account can use, with context "
+                                             "window and reasoning efforts.")
+    models.add_argument("--json", action="store_true", help="print JSON")
+    models.set_defaults(func=cmd_models)
     logout = commands.add_parser("logout", help="remove the saved login",
                                  description="Remove the proxy's saved login (and Codex's with --codex).")
     logout.add_argument("--codex", action="store_true", help="also remove the Codex CLI's auth.json")

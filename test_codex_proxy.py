@@ -52,19 +52,29 @@ def claude_code_body(name):
 FORBIDDEN_FIELDS = ("max_output_tokens", "max_tokens", "temperature", "top_p", "top_k", "stop",
                     "metadata", "user", "previous_response_id", "prompt_cache_retention",
                     "safety_identifier", "truncation", "response_format", "messages", "stream_options")
-FAKE_MODELS = {"gpt-5.5": ("low", "medium", "high", "xhigh"),
-               "gpt-5.4": ("low", "medium", "high", "xhigh"),
-               "gpt-5.4-mini": ("low", "medium", "high", "xhigh")}
+def load_catalog():
+    """The recorded Codex catalog (what GET /models answers), or a small stand-in without fixtures."""
+    path = FIXTURES / "responses" / "codex_bundled_models_2026-08-07_trimmed.json"
+    if path.exists():
+        return [m for m in json.loads(path.read_text())["models"] if m["slug"] != "gpt-5.2"]   # retired
+    return [{"slug": slug, "context_window": 272000, "use_responses_lite": False,
+             "supported_reasoning_levels": [{"effort": e} for e in ("low", "medium", "high", "xhigh")]}
+            for slug in ("gpt-5.5", "gpt-5.4", "gpt-5.4-mini")]
+
+
+FAKE_CATALOG = load_catalog()
+FAKE_MODELS = {m["slug"]: tuple(level["effort"] for level in m["supported_reasoning_levels"]) for m in FAKE_CATALOG}
+FAKE_LITE = {m["slug"] for m in FAKE_CATALOG if m.get("use_responses_lite")}
 PART_TYPES = {"user": {"input_text", "input_image", "input_file"},
               "developer": {"input_text"}, "system": {"input_text"},
               "assistant": {"output_text", "refusal"}}
 
 
-def codex_request_problem(body, issued):
+def codex_request_problem(body, issued, lite=False):
     """What the real backend would refuse in this body: (status, detail) or None.
 
-    Rules from codex-backend.md §6.4-§6.5 and §7; the messages are the real ones
-    where they are known.
+    Rules from codex-backend.md §6.4-§6.7; the messages are the real ones where
+    they are known. ``lite``: the request carried the Responses Lite header.
     """
     if not isinstance(body, dict):
         return 400, "Invalid body"
@@ -75,10 +85,15 @@ def codex_request_problem(body, issued):
         return 400, "Store must be set to false"
     if body.get("stream") is not True:
         return 400, "Stream must be set to true"
-    if not isinstance(body.get("instructions"), str):
-        return 400, "Instructions are required"
     if not isinstance(body.get("input"), list):
         return 400, "Input must be a list"
+    if lite:
+        problem = lite_problem(body)
+        if problem:
+            return 400, problem
+        body = dict(body, instructions="", tools=body["input"][0]["tools"][0]["tools"], input=body["input"][1:])
+    elif not isinstance(body.get("instructions"), str):
+        return 400, "Instructions are required"
     model = body.get("model")
     if model not in FAKE_MODELS:
         return 400, "The '%s' model is not supported when using Codex with a ChatGPT account." % model
@@ -91,12 +106,17 @@ def codex_request_problem(body, issued):
         return 400, "Unsupported value: reasoning.summary"
     if not isinstance(body.get("prompt_cache_key"), str) or not body["prompt_cache_key"]:
         return 400, "prompt_cache_key missing"
+    if reasoning.get("effort") == "ultra":
+        return 400, "Unsupported value: 'ultra' (send it as 'max')"
     tools = body.get("tools")
     if not isinstance(tools, list):
         return 400, "tools must be a list"
     names = set()
     for i, tool in enumerate(tools):
         if tool.get("type") == "web_search":
+            extra = set(tool) - {"type", "external_web_access", "filters", "user_location", "search_context_size"}
+            if extra or not isinstance(tool.get("external_web_access"), bool):
+                return 400, "Invalid 'tools[%d]' web_search: %s" % (i, sorted(extra))
             continue
         if tool.get("type") != "function":
             return 400, "Invalid 'tools[%d].type'" % i
@@ -138,6 +158,8 @@ def codex_request_problem(body, issued):
         elif kind == "function_call":
             if not all(isinstance(item.get(k), str) and item[k] for k in ("call_id", "name", "arguments")):
                 return 400, "Invalid function_call in input[%d]" % i
+            if lite and item.get("namespace") != "functions":
+                return 400, "Lite: function_call input[%d] without its namespace" % i
             calls.add(item["call_id"])
         elif kind == "function_call_output":
             if item.get("call_id") not in calls:
@@ -155,6 +177,27 @@ def codex_request_problem(body, issued):
     missing = calls - answered
     if missing:
         return 400, "No tool output found for function call %s." % sorted(missing)[0]
+    return None
+
+
+def lite_problem(body):
+    """The Responses Lite shape (codex-backend.md 6.6), as Codex sends it."""
+    if body.get("model") not in FAKE_LITE:
+        return "Responses Lite is not available for %s" % body.get("model")
+    if "instructions" in body or "tools" in body:
+        return "Lite: no top-level instructions or tools"
+    first = body["input"][0] if body["input"] else {}
+    namespaces = first.get("tools") if first.get("type") == "additional_tools" else None
+    if first.get("role") != "developer" or not isinstance(namespaces, list) or len(namespaces) != 1 \
+            or namespaces[0].get("type") != "namespace" or namespaces[0].get("name") != "functions" \
+            or not isinstance(namespaces[0].get("tools"), list):
+        return "Lite: input[0] must be additional_tools with the functions namespace"
+    if body.get("parallel_tool_calls") is not False or (body.get("reasoning") or {}).get("context") != "all_turns":
+        return "Lite: parallel_tool_calls false and reasoning.context all_turns"
+    for item in body["input"][1:]:
+        for part in item.get("content") or (item.get("output") if isinstance(item.get("output"), list) else []):
+            if part.get("type") == "input_image" and ("detail" in part or not part["image_url"].startswith("data:")):
+                return "Lite: images are data URLs without detail"
     return None
 
 
@@ -209,7 +252,27 @@ class Turn:
         self.output.append(item)
         return self
 
-    def text(self, text, pieces=4, deltas=True):
+    def web_search(self, query, status="completed", sources=None):
+        index, item_id = len(self.output), "ws_" + secrets.token_hex(16)
+        self.add("response.output_item.added", output_index=index, item={
+            "id": item_id, "type": "web_search_call", "status": "in_progress"})
+        for phase in ("in_progress", "searching", "completed"):
+            self.add("response.web_search_call." + phase, item_id=item_id, output_index=index)
+        action = {"type": "search", "query": query}
+        if sources:
+            action["sources"] = sources
+        item = {"id": item_id, "type": "web_search_call", "status": status, "action": action}
+        self.add("response.output_item.done", output_index=index, item=item)
+        self.output.append(item)
+        return self
+
+    def text(self, text, pieces=4, deltas=True, citations=()):
+        """A message; citations are (url, title, cited substring) turned into url_citation annotations."""
+        annotations = []
+        for url, title, cited in citations:
+            start = text.index(cited)
+            annotations.append({"type": "url_citation", "url": url, "title": title,
+                                "start_index": start, "end_index": start + len(cited)})
         index, item_id = len(self.output), "msg_" + secrets.token_hex(16)
         self.add("response.output_item.added", output_index=index, item={
             "id": item_id, "type": "message", "status": "in_progress", "content": [], "role": "assistant"})
@@ -218,7 +281,10 @@ class Turn:
         for piece in (chunks(text, pieces) if deltas else []):
             self.add("response.output_text.delta", item_id=item_id, output_index=index, content_index=0,
                      delta=piece, logprobs=[], obfuscation=self._obfuscation())
-        part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+        for n, annotation in enumerate(annotations):
+            self.add("response.output_text.annotation.added", item_id=item_id, output_index=index,
+                     content_index=0, annotation_index=n, annotation=annotation)
+        part = {"type": "output_text", "annotations": annotations, "logprobs": [], "text": text}
         self.add("response.output_text.done", item_id=item_id, output_index=index, content_index=0,
                  text=text, logprobs=[])
         self.add("response.content_part.done", item_id=item_id, output_index=index, content_index=0, part=part)
@@ -313,6 +379,10 @@ class FakeCodex:
         self.requests = []
         self.script = collections.deque()
         self.default = None          # events answered when the script is empty (load and fuzz runs)
+        self.gets = []
+        self.catalog = FAKE_CATALOG
+        self.usage = None
+        self.counts_tokens = False   # report input_tokens as counted by count_input()
         self.issued = set()
         self.valid_tokens = {ACCESS_TOKEN}
         self.connections = 0
@@ -333,12 +403,28 @@ class FakeCodex:
             def do_POST(self):
                 fake.handle(self)
 
+            def do_GET(self):
+                fake.handle_get(self)
+
         self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def url(self):
         return "http://127.0.0.1:%d/backend-api/codex" % self.server.server_address[1]
+
+    def handle_get(self, handler):
+        """GET /models?client_version=… (the account's catalog) and /wham/usage."""
+        headers = {k.lower(): v for k, v in handler.headers.items()}
+        with self.lock:
+            self.gets.append(handler.path)
+        if headers.get("authorization", "")[7:] not in self.valid_tokens:
+            return self.send_json(handler, 401, {"detail": "Unauthorized"})
+        if handler.path.startswith("/backend-api/codex/models?client_version="):
+            return self.send_json(handler, 200, {"models": self.catalog}, {"ETag": 'W/"fake"'})
+        if handler.path == "/backend-api/wham/usage" and self.usage is not None:
+            return self.send_json(handler, 200, self.usage)
+        self.send_json(handler, 404, {"detail": "Not Found"})
 
     def start(self):
         self.thread.start()
@@ -356,6 +442,10 @@ class FakeCodex:
             self.script.clear()
             self.default = None
             self.connections = 0
+            self.gets = []
+            self.catalog = FAKE_CATALOG
+            self.usage = None
+            self.counts_tokens = False
 
     def turn(self, model="gpt-5.5"):
         return Turn(self, model)
@@ -375,7 +465,8 @@ class FakeCodex:
             body = None
         with self.lock:
             self.requests.append({"path": handler.path, "headers": headers, "body": body})
-        problem = self.header_problem(handler.path, headers, body) or codex_request_problem(body, self.issued)
+        lite = headers.get("x-openai-internal-codex-responses-lite") == "true"
+        problem = self.header_problem(handler.path, headers, body) or codex_request_problem(body, self.issued, lite)
         if problem:
             return self.send_json(handler, problem[0], {"detail": problem[1]})
         with self.lock:
@@ -390,7 +481,7 @@ class FakeCodex:
             return
         if reply.status != 200:
             return self.send_json(handler, reply.status, reply.body, reply.headers)
-        self.stream(handler, reply)
+        self.stream(handler, reply, body)
 
     def header_problem(self, path, headers, body):
         if path != "/backend-api/codex/responses":
@@ -433,12 +524,21 @@ class FakeCodex:
                     reply.client_left.set()
                     return
 
-    def stream(self, handler, reply):
+    def count_input(self, body):
+        """The fake's own tokenizer: deterministic, and unlike the proxy's estimate."""
+        return int(len(json.dumps([body.get("instructions"), body.get("input"), body.get("tools")])) / 3.3)
+
+    def stream(self, handler, reply, body=None):
         handler.send_response(200)
         handler.send_header("Content-Type", "text/event-stream")
         handler.send_header("Transfer-Encoding", "chunked")
+        for name, value in reply.headers.items():
+            handler.send_header(name, value)
         handler.end_headers()
         events = reply.events
+        if self.counts_tokens and isinstance(events, list) and body is not None:
+            events = [dict(e, response=dict(e["response"], usage=dict(e["response"]["usage"], input_tokens=self.count_input(body))))
+                      if e["type"] == "response.completed" else e for e in events]
         pieces = [events] if isinstance(events, bytes) else [sse_bytes([e]) for e in events]
         try:
             for n, piece in enumerate(pieces):
@@ -784,6 +884,7 @@ class ProxyCase(unittest.TestCase):
     def tearDownClass(cls):
         cls.proxy.shutdown()
         cls.proxy.server_close()
+        cls.proxy.codex.close_idle()
         cls.fake.stop()
         if cls.with_issuer:
             cls.issuer.stop()
@@ -1367,7 +1468,8 @@ class TestRoutesAndAuth(ProxyCase):
         self.assert_error(self.request("GET", "/v1/models/nope"), 404, "not_found_error")
 
     def test_count_tokens_estimates_without_calling_upstream(self):
-        small = self.post(dict(BASIC), path="/v1/messages/count_tokens?beta=true").json()
+        fresh = {"X-Claude-Code-Session-Id": "count-tokens-%s" % secrets.token_hex(4)}   # nothing learned yet
+        small = self.post(dict(BASIC), path="/v1/messages/count_tokens?beta=true", headers=fresh).json()
         large = self.post(dict(BASIC, messages=[user("word " * 4000)], tools=[BASH_TOOL]),
                           path="/v1/messages/count_tokens").json()
         self.assertEqual(set(small), {"input_tokens"})
@@ -2189,6 +2291,30 @@ class TestClaudeCode(ProxyCase):
         self.assertEqual(outputs, ["Tool loaded: WebFetch"])
 
 
+@needs(CLAUDE, "Claude Code CLI not found: npm install @anthropic-ai/claude-code@2.1.331 (or set CODEX_PROXY_CLAUDE)")
+class TestClaudeCodeWebSearch(ProxyCase):
+    """Claude Code's WebSearch tool (a nested request with web_search_20250305) gets real results."""
+
+    handler = RecordingHandler
+
+    def test_9_web_search_tool_returns_the_backend_results(self):
+        self.proxy.answers = []
+        main = self.fake.turn().tool_call("WebSearch", {"query": "codex proxy stdlib"})
+        nested = self.fake.turn().web_search("codex proxy stdlib").text(
+            "codex_proxy is a one-file proxy, described at Example Docs.",
+            citations=[("https://example.com/codex-proxy", "Example Docs", "Example Docs")])
+        self.fake.reply(main.completed(), nested.completed(), self.fake.turn().text("Found it: Example Docs.").completed())
+        result, lines = TestClaudeCode.claude(self, "search the web for codex proxy", "--allowedTools", "WebSearch",
+                                              ENABLE_TOOL_SEARCH="false")
+        self.assertEqual(result["result"], "Found it: Example Docs.")
+        nested_request = self.fake.requests[1]["body"]
+        self.assertEqual([t["type"] for t in nested_request["tools"]], ["web_search"])
+        outputs = [i["output"] for i in self.sent()["input"] if i["type"] == "function_call_output"]
+        self.assertEqual(len(outputs), 1)
+        self.assertIn("https://example.com/codex-proxy", outputs[0])
+        self.assertIn("Example Docs", outputs[0])
+
+
 @needs(anthropic, "anthropic SDK not installed (pip install anthropic)")
 class TestAnthropicSDK(ProxyCase):
     """The official SDK's create() and stream().get_final_message() agree on every scenario."""
@@ -2660,6 +2786,272 @@ class TestShutdownAndLogs(unittest.TestCase):
                 self.assertNotIn(secret, err, (flags, secret))
             if flags:
                 self.assertIn("POST /v1/messages", err, "verbose logs the requests")
+
+
+# ---------------------------------------------------------------------------
+# Everything Claude Code asks for: web search, catalog, newest models, counts, quota
+# ---------------------------------------------------------------------------
+
+CATALOG = {m["slug"]: m for m in FAKE_CATALOG}
+WEB_SEARCH_TOOL = {"type": "web_search_20250305", "name": "web_search", "max_uses": 8}
+
+
+class TestWebSearch(ProxyCase):
+
+    def searched(self):
+        turn = self.fake.turn().web_search("codex proxy").text(
+            "The proxy is documented at Example Docs, see also Other Site.",
+            citations=[("https://example.com/docs", "Example Docs", "Example Docs"),
+                       ("https://other.example/page", "Other Site", "Other Site")])
+        return turn.completed()
+
+    def test_search_becomes_server_tool_use_then_results_then_cited_text(self):
+        context = cp.RequestContext("m", "gpt-5.5", {}, False, [], "k")
+        events, message = translate_events(self, self.searched(), context)
+        kinds = [b["type"] for b in message["content"]]
+        self.assertEqual(kinds, ["server_tool_use", "web_search_tool_result", "text"])
+        use, result, text = message["content"]
+        self.assertRegex(use["id"], r"^srvtoolu_[a-f0-9]{24}$")
+        self.assertEqual((use["name"], use["input"]), ("web_search", {"query": "codex proxy"}))
+        self.assertEqual(result["tool_use_id"], use["id"])
+        self.assertEqual([(r["url"], r["title"], r["page_age"]) for r in result["content"]],
+                         [("https://example.com/docs", "Example Docs", None), ("https://other.example/page", "Other Site", None)])
+        for page in result["content"]:
+            self.assertEqual(page["type"], "web_search_result")
+            self.assertTrue(page["encrypted_content"])
+        self.assertEqual([c["type"] for c in text["citations"]], ["web_search_result_location"] * 2)
+        self.assertEqual(text["citations"][0]["cited_text"], "Example Docs")
+        self.assertTrue(text["citations"][0]["encrypted_index"])
+        self.assertEqual(message["usage"]["server_tool_use"], {"web_search_requests": 1})
+        query_deltas = [e for e in events if e["type"] == "content_block_delta" and e["index"] == 0]
+        self.assertEqual([d["delta"]["type"] for d in query_deltas], ["input_json_delta"])
+
+    def test_failed_search_and_search_before_a_tool_call(self):
+        turn = self.fake.turn().web_search("nothing", status="failed").tool_call("Bash", {"command": "ls"})
+        _, message = translate_events(self, turn.completed())
+        self.assertEqual([b["type"] for b in message["content"]], ["server_tool_use", "web_search_tool_result", "tool_use"])
+        self.assertEqual(message["content"][1]["content"], {"type": "web_search_tool_result_error", "error_code": "unavailable"})
+        two = self.fake.turn().web_search("first").web_search("second", sources=[{"url": "https://s.example", "title": "S"}])
+        _, message = translate_events(self, two.text("Answer.").completed())
+        results = [b["content"] for b in message["content"] if b["type"] == "web_search_tool_result"]
+        self.assertEqual([[r["url"] for r in found] for found in results], [[], ["https://s.example"]])
+        self.assertEqual(message["usage"]["server_tool_use"], {"web_search_requests": 2})
+
+    def test_web_search_tool_goes_upstream_and_both_modes_agree(self):
+        body = claude_code_body("07-websearch-nested-request.json")
+        body = dict(body, tools=[dict(WEB_SEARCH_TOOL, allowed_domains=["example.com"],
+                                      user_location={"type": "approximate", "country": "NO", "city": "Oslo"})])
+        events = self.searched()
+        self.fake.reply(events, events)
+        streamed = cp.fold_message(self.stream(body))
+        self.assertEqual(self.sent()["tools"], [{"type": "web_search", "external_web_access": True,
+                                                 "filters": {"allowed_domains": ["example.com"]},
+                                                 "user_location": {"type": "approximate", "country": "NO", "city": "Oslo"}}])
+        plain = self.post(dict(body, stream=False)).json()
+        self.assertEqual([b["type"] for b in plain["content"]], ["server_tool_use", "web_search_tool_result", "text"])
+        plain.pop("id"), streamed.pop("id")
+        self.assertEqual(plain, streamed)
+
+    def test_history_with_search_blocks_is_accepted(self):
+        context = cp.RequestContext("m", "gpt-5.5", {}, False, [], "k")
+        _, message = translate_events(self, self.searched(), context)
+        self.fake.reply(self.fake.turn().text("Thanks.").completed())
+        follow = dict(BASIC, tools=[WEB_SEARCH_TOOL], messages=[
+            user("search it"), {"role": "assistant", "content": message["content"]}, user("and now?")])
+        self.assertEqual(self.post(follow).status, 200)
+        sent = [(i["type"], i.get("role")) for i in self.sent()["input"]]
+        self.assertEqual(sent, [("message", "user"), ("message", "assistant"), ("message", "user")])
+
+
+class TestModelCatalog(ProxyCase):
+
+    def setUp(self):
+        ProxyCase.setUp(self)
+        self.proxy.catalog.refresh()
+
+    def test_v1_models_lists_the_account_models_and_the_claude_aliases(self):
+        doc = self.request("GET", "/v1/models").json()
+        ids = [m["id"] for m in doc["data"]]
+        self.assertEqual(ids[:3], ["claude-opus-5-5", "claude-sonnet-5-5", "claude-haiku-5-5"])
+        for slug in CATALOG:
+            self.assertIn(slug, ids)
+        sol = next(m for m in doc["data"] if m["id"] == "gpt-5.6-sol")
+        self.assertEqual((sol["display_name"], sol["max_input_tokens"]), ("GPT-5.6-Sol (Codex)", 272000))
+
+    def test_catalog_is_cached_in_memory_and_on_disk(self):
+        path = self.home / "models_cache.json"
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
+        gets = len(self.fake.gets)
+        for _ in range(3):
+            self.assertIn("gpt-5.6-sol", self.proxy.catalog.current())
+        self.assertEqual(len(self.fake.gets), gets, "fresh: no new fetch")
+        offline = cp.ModelCatalog(self.config, None)      # a new process, before any network
+        self.assertEqual(sorted(offline._models or offline.current()), sorted(CATALOG))
+        self.assertIn("client_version=" + cp.CODEX_CLIENT_VERSION, self.fake.gets[-1])
+
+    def test_model_not_on_the_plan_gets_400_listing_the_usable_models(self):
+        answer = self.post(dict(BASIC, model="gpt-5.3-codex"))
+        self.assertEqual(answer.status, 400)
+        message = answer.json()["error"]["message"]
+        self.assertIn("'gpt-5.3-codex' is not available", message)
+        for slug in ("gpt-5.5", "gpt-5.6-sol", "gpt-5.4-mini"):
+            self.assertIn(slug, message)
+
+    def test_newest_models_get_the_responses_lite_shape(self):
+        self.fake.reply(self.fake.turn(model="gpt-5.6-sol").text("lite ok").completed())
+        image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
+        body = dict(BASIC, model="gpt-5.6-sol", system="Be exact.", tools=[BASH_TOOL], messages=[
+            {"role": "user", "content": [{"type": "text", "text": "look"}, image]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Bash", "input": {"command": "ls"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "a.txt"}]}])
+        self.assertEqual(self.post(body).status, 200)
+        request = self.fake.requests[-1]
+        self.assertEqual(request["headers"]["x-openai-internal-codex-responses-lite"], "true")
+        sent = request["body"]
+        self.assertNotIn("instructions", sent)
+        self.assertNotIn("tools", sent)
+        self.assertEqual(sent["input"][0]["tools"][0]["tools"][0]["name"], "Bash")
+        self.assertEqual(sent["input"][1]["content"], [{"type": "input_text", "text": "Be exact."}])
+        self.assertEqual((sent["parallel_tool_calls"], sent["reasoning"]["context"]), (False, "all_turns"))
+
+    def test_classic_shape_when_configured_or_when_web_search_is_asked(self):
+        self.config.responses_lite = False
+        self.addCleanup(setattr, self.config, "responses_lite", True)
+        self.fake.reply(self.fake.turn(model="gpt-5.6-sol").text("classic ok").completed())
+        self.assertEqual(self.post(dict(BASIC, model="gpt-5.6-sol")).status, 200)
+        self.assertIn("instructions", self.sent())
+        self.config.responses_lite = True
+        self.fake.reply(self.fake.turn(model="gpt-5.6-sol").text("searched").completed())
+        self.assertEqual(self.post(dict(BASIC, model="gpt-5.6-sol", tools=[WEB_SEARCH_TOOL])).status, 200)
+        self.assertEqual(self.sent()["tools"][0]["type"], "web_search")
+        self.assertNotIn("x-openai-internal-codex-responses-lite", self.fake.requests[-1]["headers"])
+
+    def test_efforts_are_clamped_to_what_the_model_has(self):
+        cases = [("claude-opus-4-8", "max", "xhigh"), ("gpt-5.6-sol", "max", "max"),
+                 ("gpt-5.6-sol:ultra", None, "max"), ("gpt-5.6-luna:ultra", None, "max"),
+                 ("gpt-5.5:ultra", None, "xhigh"), ("gpt-5.5:minimal", None, "low"), ("gpt-5.6-terra", "low", "low")]
+        for model, effort, sent in cases:
+            body = dict(BASIC, model=model, output_config={"effort": effort}) if effort else dict(BASIC, model=model)
+            codex, _ = cp.translate_request(body, {}, self.config, CATALOG)
+            self.assertEqual(codex["reasoning"]["effort"], sent, model)
+            self.assertIsNone(codex_request_problem(codex, set(), lite=codex.get("tools") is None), model)
+
+    def test_prompt_too_long_uses_the_catalog_context_window(self):
+        self.fake.catalog = [dict(CATALOG["gpt-5.5"], context_window=400000)] + [
+            m for m in FAKE_CATALOG if m["slug"] != "gpt-5.5"]
+        self.proxy.catalog.refresh()
+        self.addCleanup(self.proxy.catalog.refresh)
+        self.fake.reply(self.fake.turn().failed("context_length_exceeded", "too long"))
+        message = self.post(BASIC).json()["error"]["message"]
+        self.assertRegex(message, r"^prompt is too long: \d+ tokens > 400000 maximum$")
+
+    def test_models_command_prints_windows_and_efforts(self):
+        from unittest import mock
+        with mock.patch.dict(os.environ, {"CODEX_PROXY_HOME": str(self.home), "CODEX_HOME": str(self.home / "codex-home"),
+                                          "CODEX_PROXY_UPSTREAM": self.fake.url}):
+            code, out, err = CliRun(self, ["models"]).result()
+            self.assertEqual(code, 0, err)
+            code, doc, _ = CliRun(self, ["models", "--json"]).result()
+        self.assertRegex(out, r"gpt-5\.6-sol\s+272k\s+low, medium, high, xhigh, max, ultra\s+low\s+lite")
+        self.assertRegex(out, r"gpt-5\.5\s+272k\s+low, medium, high, xhigh\s+medium\s+classic")
+        self.assertIn("opus -> gpt-5.5", out)
+        sol = next(m for m in json.loads(doc) if m["model"] == "gpt-5.6-sol")
+        self.assertEqual((sol["context_window"], sol["default_effort"], sol["responses_lite"]), (272000, "low", True))
+
+
+class TestCountTokensCalibration(ProxyCase):
+
+    def test_estimate_moves_within_5_percent_of_the_backend_count_after_two_turns(self):
+        self.fake.counts_tokens = True
+        session = {"X-Claude-Code-Session-Id": "calibrate-" + secrets.token_hex(4)}
+        base = claude_code_body("02-tool-turn1-request.json")
+        turns = [base["messages"]]
+        for n in range(3):
+            turns.append(turns[-1] + [{"role": "assistant", "content": "Step %d done: " % n + "detail " * (40 * (n + 1))},
+                                      user("Continue with part %d of the plan, keeping the earlier notes. " % n * (n + 1))])
+
+        def body(messages):
+            return dict(base, messages=messages, stream=False)
+
+        def backend_count(messages):
+            codex, _ = cp.translate_request(body(messages), session, self.config, self.proxy.catalog.current())
+            return self.fake.count_input(codex)
+
+        def local(messages):
+            return self.post(body(messages), path="/v1/messages/count_tokens", headers=session).json()["input_tokens"]
+
+        first_error = abs(local(turns[0]) - backend_count(turns[0])) / backend_count(turns[0])
+        for messages in turns[:2]:   # two real turns teach the proxy how this backend counts
+            self.fake.reply(self.fake.turn().text("ok").completed())
+            self.assertEqual(self.post(body(messages), headers=session).status, 200)
+        estimate, actual = local(turns[3]), backend_count(turns[3])
+        error = abs(estimate - actual) / actual
+        self.assertGreater(first_error, 0.05, "the uncalibrated estimate is off, so this test shows something")
+        self.assertLess(error, 0.05)
+        report("count_tokens: %.1f%% off before calibration, %.1f%% off after two turns (%d vs %d)"
+               % (first_error * 100, error * 100, estimate, actual))
+
+
+USAGE_HEADERS = {"x-codex-plan-type": "plus", "x-codex-primary-used-percent": "45",
+                 "x-codex-primary-window-minutes": "300", "x-codex-primary-reset-at": "1900000000",
+                 "x-codex-secondary-used-percent": "82", "x-codex-secondary-window-minutes": "10080",
+                 "x-codex-secondary-reset-after-seconds": "316705"}
+
+
+class TestQuota(ProxyCase):
+
+    def test_usage_windows_become_anthropic_unified_headers(self):
+        events = self.fake.turn().text("ok").completed()
+        self.fake.reply(Reply(events=events, headers=USAGE_HEADERS), Reply(events=events, headers=USAGE_HEADERS))
+        for stream in (True, False):
+            answer = self.post(dict(BASIC, stream=stream))
+            self.assertEqual(answer.status, 200)
+            headers = answer.headers
+            self.assertEqual(headers["anthropic-ratelimit-unified-5h-utilization"], "0.45")
+            self.assertEqual(headers["anthropic-ratelimit-unified-5h-reset"], "1900000000")
+            self.assertEqual(headers["anthropic-ratelimit-unified-5h-status"], "allowed")
+            self.assertEqual(headers["anthropic-ratelimit-unified-7d-utilization"], "0.82")
+            self.assertEqual(headers["anthropic-ratelimit-unified-7d-status"], "allowed_warning")
+            self.assertEqual(headers["anthropic-ratelimit-unified-status"], "allowed_warning")
+            self.assertEqual(headers["anthropic-ratelimit-unified-representative-claim"], "seven_day")
+            self.assertAlmostEqual(int(headers["anthropic-ratelimit-unified-7d-reset"]), time.time() + 316705, delta=60)
+
+    def test_a_429_carries_retry_after_and_rejected_status(self):
+        recorded = json.loads(fixture("responses", "chatgpt_codex_usage_limit_reached_plus_2026-05-04.json").read_text())
+        self.fake.reply(Reply(status=429, body={"error": recorded["error"]}, headers=recorded["headers"]))
+        answer = self.post(BASIC)
+        self.assertEqual((answer.status, answer.headers["retry-after"]), (429, "13872"))
+        self.assertEqual(answer.headers["anthropic-ratelimit-unified-status"], "rejected")
+        self.assertEqual(answer.headers["anthropic-ratelimit-unified-5h-reset"], "1777936568")
+
+    def test_status_shows_the_windows_the_backend_sent_and_live_asks_again(self):
+        from unittest import mock
+        self.proxy._quota_saved = 0
+        self.fake.reply(Reply(events=self.fake.turn().text("ok").completed(), headers=USAGE_HEADERS))
+        self.assertEqual(self.post(BASIC).status, 200)
+        deadline = time.monotonic() + 10   # the proxy saves it just after the reply went out
+        while not (self.home / "quota.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        env = {"CODEX_PROXY_HOME": str(self.home), "CODEX_HOME": str(self.home / "codex-home"),
+               "CODEX_PROXY_UPSTREAM": self.fake.url}
+        with mock.patch.dict(os.environ, env):
+            code, out, _ = CliRun(self, ["status", "--json"]).result()
+            self.assertEqual(code, 0)
+            windows = json.loads(out)["quota"]["windows"]
+            self.assertEqual((windows["primary"]["used_percent"], windows["primary"]["window_minutes"],
+                              windows["primary"]["resets_at"]), (45.0, 300.0, 1900000000))
+            self.assertEqual(windows["secondary"]["used_percent"], 82.0)
+            code, text, _ = CliRun(self, ["status"]).result()
+            self.assertIn("Usage, 5h window: 45% used", text)
+            self.assertIn("Usage, 7d window: 82% used, resets in 3 d 15 h", text)
+            self.fake.usage = {"plan_type": "plus", "rate_limit": {"allowed": True, "limit_reached": False,
+                               "primary_window": {"used_percent": 12, "limit_window_seconds": 18000, "reset_after_seconds": 600},
+                               "secondary_window": {"used_percent": 30, "limit_window_seconds": 604800, "reset_at": 1900500000}}}
+            code, out, _ = CliRun(self, ["status", "--live", "--json"]).result()
+        windows = json.loads(out)["quota"]["windows"]
+        self.assertEqual((windows["primary"]["used_percent"], windows["primary"]["window_minutes"]), (12.0, 300))
+        self.assertEqual(windows["secondary"]["resets_at"], 1900500000)
+        self.assertIn("/backend-api/wham/usage", self.fake.gets)
 
 
 def stop_process(process):
