@@ -109,6 +109,7 @@ class Config:
         self.allowed_hosts = [h.strip().lower() for h in hosts.split(",") if h.strip()]
         self.max_body = env_int("CODEX_PROXY_MAX_BODY_MB", 32) * 1024 * 1024
         self.verbose = False
+        self.log_file = None             # path for JSON lines, one per request
         # Timing knobs; tests shrink them.
         self.keepalive_timeout = 300.0   # an idle client connection between requests
         self.client_timeout = 30.0       # reading one request's headers, and its whole body
@@ -1329,6 +1330,7 @@ class ResponseTranslator:
         self.searches = []        # web searches whose blocks wait for the text that cites them
         self.search_count = 0
         self.upstream_usage = None
+        self.stop_reason = None
 
     def feed(self, event):
         self.out = []
@@ -1637,6 +1639,7 @@ class ResponseTranslator:
         if usage is None:   # cut short by a stop sequence: the upstream never counted
             usage = {"input_tokens": self.ctx.input_estimate(),
                      "output_tokens": self.output_chars // 4 + 1}
+        self.stop_reason = stop_reason
         usage = anthropic_usage(usage)
         if self.search_count:
             usage["server_tool_use"] = {"web_search_requests": self.search_count}
@@ -2310,6 +2313,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.active = 0                     # replies being relayed now
         self.active_lock = threading.Lock()
         self.crashes = 0                    # handler exceptions that escaped (should stay 0)
+        self.log_lock = threading.Lock()
+        self.log_file = open(config.log_file, "a", encoding="utf-8") if config.log_file else None
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         ThreadingHTTPServer.__init__(self, (config.host.strip("[]"), config.port), handler or ProxyHandler)
@@ -2324,6 +2329,21 @@ class ProxyServer(ThreadingHTTPServer):
         if changed and time.time() - self._quota_saved > 10:
             self._quota_saved = time.time()
             save_quota(self.config, quota)
+
+    def log_request_record(self, record, line):
+        """One line per request on stderr (--verbose) and/or one JSON line (--log-file)."""
+        with self.log_lock:
+            if self.config.verbose:
+                sys.stderr.write(redact(line).replace(self.proxy_key, "[redacted]") + "\n")
+            if self.log_file:
+                self.log_file.write(json.dumps(record) + "\n")
+                self.log_file.flush()
+
+    def server_close(self):
+        ThreadingHTTPServer.server_close(self)
+        if self.log_file:
+            self.log_file.close()
+            self.log_file = None
 
     def handle_error(self, request, client_address):
         self.crashes += 1
@@ -2396,10 +2416,46 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.request_id = "req_" + secrets.token_hex(12)
         self.sse_started = False
         self.started_at = time.monotonic()
+        self.first_output_at = None
+        self.status = None
+        # Details for the request log; None (no work at all) unless someone reads it.
+        config = self.server.config
+        self.note = {} if (config.verbose or config.log_file) else None
+
+    def log_request(self, code="-", size="-"):
+        self.status = int(code) if str(code).isdigit() else code   # one line per request comes from _log_request
 
     def _dispatch(self, method):
         self._begin()
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        try:
+            self._route(method, path)
+        finally:
+            if self.note is not None:
+                self._log_request(method, path)
+
+    def _log_request(self, method, path):
+        note, now = self.note, time.monotonic()
+        record = dict(note, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), request_id=self.request_id,
+                      method=method, path=path, status=self.status, total_ms=int((now - self.started_at) * 1000))
+        if self.first_output_at:
+            record["first_token_ms"] = int((self.first_output_at - self.started_at) * 1000)
+        line = "%s %s %s %s" % (time.strftime("%H:%M:%S"), method, path, self.status)
+        if "model" in note:
+            line += " %s -> %s (%s) %s" % (note["model"], note["upstream_model"], note["effort"],
+                                           "stream" if note["stream"] else "json")
+            if "input_tokens" in note:
+                line += " in=%d cached=%d out=%d" % (note["input_tokens"], note["cached_tokens"], note["output_tokens"])
+            if "first_token_ms" in record:
+                line += " first=%dms" % record["first_token_ms"]
+        line += " total=%dms" % record["total_ms"]
+        if note.get("stop_reason"):
+            line += " " + note["stop_reason"]
+        if note.get("error"):
+            line += " error=" + note["error"]
+        self.server.log_request_record(record, line)
+
+    def _route(self, method, path):
         try:
             self._check_origin()
             if path == "/health" and method == "GET":
@@ -2499,6 +2555,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         body = self._read_json()
         codex_body, context = translate_request(body, self.headers.items(), self.server.config,
                                                 self.server.catalog.current())
+        if self.note is not None:
+            self.note.update(model=context.requested_model, upstream_model=context.model,
+                             effort=codex_body["reasoning"]["effort"], stream=body.get("stream") is True)
         self._relay(json_bytes(codex_body), context, body.get("stream") is True)
 
     def handle_count_tokens(self):
@@ -2569,6 +2628,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                             self._write_event(PING_EVENT)
                         continue
                     out = translator.feed(event)
+                    if self.first_output_at is None and translator.has_output:
+                        self.first_output_at = time.monotonic()
                     if stream and (self.sse_started or translator.has_output):
                         # The 200 is held until the upstream produced output, so that
                         # failures at the start become real HTTP errors.
@@ -2605,6 +2666,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return
             if upstream is not None:
                 upstream.abort()
+            if self.note is not None:
+                self.note["error"] = "%s: %s" % (error.error_type, error.message)
             if error.retryable and not self.sse_started and attempt < config.retries:
                 attempt += 1
                 time.sleep(config.retry_delay * (2 ** (attempt - 1)) * random.uniform(0.9, 1.1))
@@ -2617,8 +2680,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return
 
     def _learn(self, context, translator, upstream):
-        """After the reply: calibrate count_tokens, keep the usage windows."""
+        """After the reply: calibrate count_tokens, keep the usage windows, note the outcome."""
         usage = translator.upstream_usage
+        if self.note is not None:
+            counted = anthropic_usage(usage)
+            self.note.update(input_tokens=counted["input_tokens"] + counted["cache_read_input_tokens"],
+                             cached_tokens=counted["cache_read_input_tokens"],
+                             output_tokens=counted["output_tokens"], stop_reason=translator.stop_reason)
         if usage:
             self.server.calibration.learn(context.cache_key, context.input_estimate(), as_int(usage.get("input_tokens")))
         quota = quota_from_headers(upstream.headers)
@@ -2671,6 +2739,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _reply_error(self, error):
+        if self.note is not None and "error" not in self.note:
+            self.note["error"] = "%s: %s" % (error.error_type, error.message)
         if self.sse_started:   # too late for a status: say it in the stream
             self._write_event(error.event())
             self._end_sse(close=True)
@@ -2695,6 +2765,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self._log(fmt % args)
 
     def log_error(self, fmt, *args):
+        if fmt.startswith("Request timed out") and not self.server.config.verbose:
+            return   # a client that stalled: its connection is closed, nothing for the user to do
         self._log("error: " + fmt % args)
 
     def _log(self, text):
@@ -2753,7 +2825,42 @@ def config_from_args(args):
     if getattr(args, "port", None) is not None:
         config.port = args.port
     config.verbose = bool(getattr(args, "verbose", False))
+    config.log_file = getattr(args, "log_file", None)
     return config
+
+
+def proxy_url(host, port):
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host.strip("[]"), host.strip("[]"))
+    return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+
+def client_env(config, url, key, catalog=None):
+    """The environment that points Claude Code at this proxy."""
+    window = model_profile(split_effort(config.models["opus"])[0], catalog)[2] or config.context_window
+    return collections.OrderedDict([
+        ("ANTHROPIC_BASE_URL", url),
+        ("ANTHROPIC_AUTH_TOKEN", key),
+        ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),   # else telemetry carries the key to api.anthropic.com
+        ("CLAUDE_CODE_AUTO_COMPACT_WINDOW", str(window)),    # Codex's window, so Claude Code compacts in time
+    ])
+
+
+def shell_line(shell, name, value):
+    if shell != "powershell" and re.match(r"[A-Za-z0-9_./:@%+=,-]+\Z", value):
+        return ("set -gx %s %s" if shell == "fish" else "export %s=%s") % (name, value)
+    if shell == "fish":
+        return "set -gx %s '%s'" % (name, value.replace("\\", "\\\\").replace("'", "\\'"))
+    if shell == "powershell":
+        return "$env:%s = '%s'" % (name, value.replace("'", "''"))
+    return "export %s='%s'" % (name, value.replace("'", "'\\''"))
+
+
+def cmd_env(args):
+    config = config_from_args(args)
+    env = client_env(config, proxy_url(config.host, config.port), config.proxy_key())
+    for name, value in env.items():
+        print(shell_line(args.shell, name, value))
+    return 0
 
 
 def is_loopback(host):
@@ -2788,14 +2895,19 @@ def cmd_start(args):
     doc = server.tokens.load()
     print("codex-proxy %s listening on %s" % (__version__, server.url))
     if doc:
-        print("ChatGPT login: %s" % config.tokens_path)
+        info = account_info(doc["tokens"])
+        print("ChatGPT account: %s (%s plan), login from %s%s" % (
+            info["email"] or "unknown", info["plan"] or "unknown", server.tokens.path,
+            ", shared with the Codex CLI" if server.tokens.shared_with_codex else ""))
     else:
         print("Not logged in yet: run `python codex_proxy.py login` before the first request.")
     print("Models: " + ", ".join("%s -> %s" % item for item in sorted(config.models.items())))
-    print("\nPaste these lines into the shell where you run claude:\n")
-    print("  export ANTHROPIC_BASE_URL=%s" % server.url)
-    print("  export ANTHROPIC_AUTH_TOKEN=%s" % server.proxy_key)
-    print("  export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1\n")
+    if config.verbose or config.log_file:
+        print("Logging one line per request%s." % (" to " + config.log_file if config.log_file else ""))
+    print("\nIn the shell where you run claude, set:\n")
+    for name, value in client_env(config, server.url, server.proxy_key, server.catalog.current()).items():
+        print("  " + shell_line("bash", name, value))
+    print("\nThen run `claude`. (Or skip all this: `python codex_proxy.py claude` starts a proxy and Claude Code together.)")
     sys.stdout.flush()
     import signal
 
@@ -2981,9 +3093,222 @@ def cmd_logout(args):
     return 0
 
 
+CLAUDE_MISSING = ("Claude Code is not installed: there is no `claude` command on PATH. Install it with "
+                  "`npm install -g @anthropic-ai/claude-code`, then run this again.")
+
+
+def running_proxy(config):
+    """(url, key) of a proxy already serving this home on the configured port, or None."""
+    url = proxy_url(config.host, config.port)
+    key = config.proxy_key()
+    try:
+        conn = http.client.HTTPConnection(urlsplit(url).hostname, config.port, timeout=1)
+        conn.request("GET", "/v1/models", headers={"x-api-key": key})
+        ok = conn.getresponse().status == 200
+        conn.close()
+    except (OSError, http.client.HTTPException):
+        return None
+    return (url, key) if ok else None
+
+
+def cmd_claude(args):
+    """Run Claude Code against this proxy: one already running, or one started here."""
+    import shutil
+    import signal
+    import subprocess
+    claude = shutil.which("claude")
+    if not claude:
+        sys.stderr.write(CLAUDE_MISSING + "\n")
+        return 127
+    config = Config()
+    server = None
+    found = running_proxy(config)
+    if found:
+        url, key = found
+    else:
+        if TokenStore(config).load() is None:
+            sys.stderr.write("Not logged in to ChatGPT. Run `python codex_proxy.py login` first.\n")
+            return 1
+        config.host, config.port = "127.0.0.1", 0
+        server = ProxyServer(config)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url, key = server.url, server.proxy_key
+    env = dict(os.environ)
+    env.pop("ANTHROPIC_API_KEY", None)   # else Claude Code would also send that key, and ask about it
+    for name, value in client_env(config, url, key, server.catalog.current() if server else None).items():
+        if name in ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN"):
+            env[name] = value
+        else:
+            env.setdefault(name, value)
+    signal.signal(signal.SIGINT, lambda *a: None)   # Ctrl-C is Claude Code's to handle
+    try:
+        code = subprocess.call([claude] + list(args.claude_args), env=env)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.drain(2)
+            server.server_close()
+    return code
+
+
+class Doctor:
+    """Checks, one line each, that this machine and account can serve Claude Code."""
+
+    def __init__(self, config, say=print):
+        self.config = config
+        self.say = say
+        self.failures = 0
+        encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+        try:
+            "\u2713\u2717".encode(encoding)
+            self.marks = ("\u2713", "\u2717")
+        except (UnicodeEncodeError, LookupError):
+            self.marks = ("OK  ", "FAIL")
+
+    def check(self, ok, text, fix=None):
+        self.say("%s %s" % (self.marks[0] if ok else self.marks[1], text))
+        if not ok:
+            self.failures += 1
+            if fix:
+                self.say("    fix: " + fix)
+        return ok
+
+    def run(self):
+        config = self.config
+        self.check(sys.version_info >= (3, 9), "Python %s" % platform.python_version(), "use Python 3.9 or newer")
+        store = TokenStore(config)
+        doc = store.load()
+        if not self.check(doc is not None, "ChatGPT login in %s" % store.path if doc else "No ChatGPT login found "
+                          "(looked for %s and %s)" % (config.tokens_path, config.codex_auth_path),
+                          "run `python codex_proxy.py login`"):
+            return self.failures
+        mode = stat_mode(store.path)
+        self.check(not mode & 0o077, "token file mode %04o" % mode, "chmod 600 %s" % store.path)
+        try:
+            store.credentials()
+            expiry = token_expiry(store.load()["tokens"]["access_token"])
+            self.check(True, "access token valid%s" % (
+                " until " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expiry)) if expiry else ""))
+        except ProxyError as exc:
+            self.check(False, exc.message, "run `python codex_proxy.py login`")
+            return self.failures
+        client = CodexClient(config, store)
+        try:
+            catalog = ModelCatalog(config, client).refresh()
+            self.check(True, "Codex backend reachable at %s, %d models for this account" % (config.upstream, len(catalog)))
+        except (ProxyError, UpstreamBroken) as exc:
+            self.check(False, "Codex backend: %s" % exc, "check the network connection and CODEX_PROXY_UPSTREAM")
+            catalog = None
+        finally:
+            client.close_idle()
+        if catalog is not None:
+            for family in ("opus", "sonnet", "haiku"):
+                slug = split_effort(config.models[family])[0]
+                self.check(slug in catalog, "%s -> %s %s" % (family, slug, "is available" if slug in catalog else
+                                                              "is not available on this plan"),
+                           "set CODEX_PROXY_%s_MODEL to one of: %s" % (family.upper(), ", ".join(sorted(catalog))))
+        self.live_checks()
+        return self.failures
+
+    def live_checks(self):
+        """One tiny real request per feature, through a proxy started here on a free port."""
+        config = Config(home=self.config.home, codex_home=self.config.codex_home, upstream=self.config.upstream,
+                        issuer=self.config.issuer, host="127.0.0.1", port=0, api_key="doctor-" + secrets.token_hex(16),
+                        models=self.config.models)
+        server = ProxyServer(config)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            self._live(server)
+        finally:
+            server.shutdown()
+            server.server_close()
+            server.codex.close_idle()
+
+    def _live(self, server):
+        tool = {"name": "get_time", "description": "Returns the current time.",
+                "input_schema": {"type": "object", "properties": {"zone": {"type": "string"}}}}
+        base = {"model": "claude-opus-4-8", "max_tokens": 200}
+        ok, reply = self._ask(server, dict(base, messages=[{"role": "user", "content": "Reply with the word pong."}]))
+        self.check(ok, "text reply: %s" % (reply if not ok else repr(first_text(reply))[:60]), self._fix(reply))
+        ok, reply = self._ask(server, dict(base, tools=[tool], tool_choice={"type": "any"},
+                                           messages=[{"role": "user", "content": "What time is it in UTC?"}]))
+        uses = [b for b in reply["content"] if b["type"] == "tool_use"] if ok else []
+        self.check(ok and bool(uses), "tool call: %s" % ("get_time(%s)" % json.dumps(uses[0]["input"]) if uses else reply),
+                   self._fix(reply) if not ok else "the model answered without calling the tool; try another model")
+        question = [{"role": "user", "content": "Call get_time, then tell me the time."}]
+        thinking = {"type": "enabled", "budget_tokens": 2048}
+        ok, reply = self._ask(server, dict(base, tools=[tool], thinking=thinking, messages=question))
+        signed = [b for b in reply["content"] if b["type"] == "thinking" and b["signature"]] if ok else []
+        uses = [b for b in reply["content"] if b["type"] == "tool_use"] if ok else []
+        if ok and signed and uses:
+            history = question + [{"role": "assistant", "content": reply["content"]},
+                                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0]["id"],
+                                                                "content": "12:00 UTC"}]}]
+            ok, reply = self._ask(server, dict(base, tools=[tool], thinking=thinking, messages=history))
+            self.check(ok, "reasoning replay: encrypted reasoning sent back and accepted" if ok else
+                       "reasoning replay: %s" % reply, self._fix(reply))
+        else:
+            self.check(False, "reasoning replay: %s" % (reply if not ok else "no signed reasoning and tool call came back"),
+                       self._fix(reply) if not ok else "try another model (CODEX_PROXY_OPUS_MODEL)")
+
+    def _ask(self, server, body):
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=300)
+        try:
+            conn.request("POST", "/v1/messages", json.dumps(body), {
+                "x-api-key": server.proxy_key, "Content-Type": "application/json"})
+            response = conn.getresponse()
+            doc = json.loads(response.read())
+        finally:
+            conn.close()
+        if response.status == 200:
+            return True, doc
+        return False, doc["error"]["message"]
+
+    def _fix(self, reply):
+        text = reply if isinstance(reply, str) else ""
+        if "login" in text:
+            return "run `python codex_proxy.py login`"
+        if "not available" in text:
+            return "choose another model with CODEX_PROXY_OPUS_MODEL (see `python codex_proxy.py models`)"
+        if "usage limit" in text:
+            return "wait for the usage window to reset (see `python codex_proxy.py status --live`)"
+        return "check the network connection and CODEX_PROXY_UPSTREAM"
+
+
+def first_text(message):
+    return next((b["text"] for b in message["content"] if b["type"] == "text"), "")
+
+
+def cmd_doctor(args):
+    failures = Doctor(Config()).run()
+    print("All checks passed." if not failures else "%d check%s failed." % (failures, "" if failures == 1 else "s"))
+    return 0 if not failures else 1
+
+
+ENVIRONMENT_HELP = """environment (flags win over these, these over defaults):
+  CODEX_PROXY_HOST, CODEX_PROXY_PORT     where `start` listens (127.0.0.1, 8082)
+  CODEX_PROXY_HOME                       tokens.json, api-key, caches (~/.codex-proxy)
+  CODEX_PROXY_API_KEY                    the key clients send (default: generated, in CODEX_PROXY_HOME/api-key)
+  CODEX_PROXY_UPSTREAM                   Codex backend (https://chatgpt.com/backend-api/codex)
+  CODEX_PROXY_ISSUER                     OAuth issuer (https://auth.openai.com)
+  CODEX_HOME                             the Codex CLI's folder, whose auth.json is shared (~/.codex)
+  CODEX_PROXY_OPUS_MODEL, CODEX_PROXY_SONNET_MODEL, CODEX_PROXY_HAIKU_MODEL
+                                         Codex models for Claude model names (gpt-5.5, gpt-5.5, gpt-5.4-mini)
+  CODEX_PROXY_RESPONSES_LITE             off: the classic request shape for the newest models (on)
+  CODEX_PROXY_ALLOWED_HOSTS, CODEX_PROXY_ALLOWED_ORIGINS
+                                         extra Host names and browser Origins to accept (none)
+  CODEX_PROXY_MAX_BODY_MB                largest request body (32)
+"""
+
+
+def program_name():
+    name = os.path.basename(sys.argv[0] or "")
+    return name if name in ("codex_proxy.py", "codex-proxy") else "codex_proxy.py"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="codex_proxy.py",
+        prog=program_name(), epilog=ENVIRONMENT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve the Anthropic Messages API on loopback, backed by your ChatGPT subscription.")
     parser.add_argument("--version", action="version", version="codex-proxy " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -2991,7 +3316,27 @@ def build_parser():
     start.add_argument("--host", help="address to listen on (CODEX_PROXY_HOST, default 127.0.0.1)")
     start.add_argument("--port", type=int, help="port to listen on (CODEX_PROXY_PORT, default %d)" % DEFAULT_PORT)
     start.add_argument("--verbose", action="store_true", help="log one line per request to stderr")
+    start.add_argument("--log-file", metavar="PATH", help="also append one JSON line per request to PATH")
     start.set_defaults(func=cmd_start)
+    claude = commands.add_parser("claude", help="run Claude Code through the proxy",
+                                 usage="%(prog)s [CLAUDE ARGS...]",
+                                 description="Run `claude` with every argument given, against a proxy already "
+                                             "running on CODEX_PROXY_PORT or one started for the session. Exits "
+                                             "with claude's exit code. Use `claude -- --help` for claude's own help.")
+    claude.set_defaults(func=cmd_claude, claude_args=[])
+    env = commands.add_parser("env", help="print the environment lines for Claude Code",
+                              description="Print the lines that point Claude Code at the proxy, e.g. "
+                                          "eval \"$(python codex_proxy.py env)\".")
+    env.add_argument("--shell", choices=("bash", "fish", "powershell"), default="bash",
+                     help="syntax of the lines (default bash, also right for zsh)")
+    env.add_argument("--host", help="the proxy's address (CODEX_PROXY_HOST)")
+    env.add_argument("--port", type=int, help="the proxy's port (CODEX_PROXY_PORT)")
+    env.set_defaults(func=cmd_env)
+    doctor = commands.add_parser("doctor", help="check the setup with tiny real requests",
+                                 description="Check Python, the login, the backend, the model catalog, and "
+                                             "run one tiny real request per feature (text, tool call, "
+                                             "reasoning replay); exit 1 if any check fails.")
+    doctor.set_defaults(func=cmd_doctor)
     login = commands.add_parser("login", help="sign in with ChatGPT",
                                 description="Sign in with ChatGPT (browser, or --device on a machine without one).")
     login.add_argument("--device", action="store_true", help="use the device-code flow (no browser on this machine)")
@@ -3015,7 +3360,11 @@ def build_parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    if argv[:1] == ["claude"] and argv[1:2] not in (["-h"], ["--help"]):
+        # Everything after `claude` belongs to Claude Code, options included.
+        return cmd_claude(argparse.Namespace(claude_args=argv[2:] if argv[1:2] == ["--"] else argv[1:]))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -2004,7 +2004,7 @@ class TestLogin(LoginCase):
 
     def test_help_on_every_subcommand(self):
         import contextlib, io
-        for command in ("start", "login", "status", "logout"):
+        for command in ("start", "login", "status", "logout", "models", "env", "claude", "doctor"):
             out = io.StringIO()
             with contextlib.redirect_stdout(out), self.assertRaises(SystemExit) as caught:
                 cp.main([command, "--help"])
@@ -3052,6 +3052,256 @@ class TestQuota(ProxyCase):
         self.assertEqual((windows["primary"]["used_percent"], windows["primary"]["window_minutes"]), (12.0, 300))
         self.assertEqual(windows["secondary"]["resets_at"], 1900500000)
         self.assertIn("/backend-api/wham/usage", self.fake.gets)
+
+
+# ---------------------------------------------------------------------------
+# The experience: launcher, env lines, doctor, logs, the README as the manual
+# ---------------------------------------------------------------------------
+
+STUB_CLAUDE = """#!%s
+import json, os, sys, urllib.request
+request = urllib.request.Request(os.environ["ANTHROPIC_BASE_URL"] + "/v1/models",
+                                 headers={"Authorization": "Bearer " + os.environ["ANTHROPIC_AUTH_TOKEN"]})
+status = urllib.request.urlopen(request, timeout=10).status
+names = [n for n in os.environ if n.startswith(("ANTHROPIC_", "CLAUDE_CODE_"))]
+print(json.dumps({"args": sys.argv[1:], "env": {n: os.environ[n] for n in names}, "models_status": status}))
+sys.exit(7)
+""" % sys.executable
+
+
+class CliCase(unittest.TestCase):
+    """An isolated home with a login, a FakeCodex, and the program run as a subprocess."""
+
+    def setUp(self):
+        self.root = Path(tempfile.mkdtemp(prefix="codex-proxy-cli-"))
+        self.addCleanup(shutil.rmtree, str(self.root), True)
+        self.home = self.root / "proxy-home"
+        write_tokens(self.home / "tokens.json")
+        self.fake = FakeCodex().start()
+        self.addCleanup(self.fake.stop)
+        self.bin = self.root / "bin"
+        self.bin.mkdir()
+        self.env = dict(os.environ, CODEX_PROXY_HOME=str(self.home), CODEX_HOME=str(self.root / "codex"),
+                        CODEX_PROXY_UPSTREAM=self.fake.url, CODEX_PROXY_PORT=str(free_port()),
+                        PATH=str(self.bin) + os.pathsep + "/usr/bin:/bin", HOME=str(self.root))
+        for name in ("CODEX_PROXY_API_KEY", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN"):
+            self.env.pop(name, None)
+
+    def run_cli(self, *args, **kw):
+        return subprocess.run([sys.executable, str(HERE / "codex_proxy.py")] + list(args), env=self.env,
+                              capture_output=True, text=True, timeout=kw.get("timeout", 120), stdin=subprocess.DEVNULL)
+
+    def stub_claude(self):
+        stub = self.bin / "claude"
+        stub.write_text(STUB_CLAUDE)
+        stub.chmod(0o755)
+
+
+def free_port():
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+class TestEnvCommand(CliCase):
+
+    def test_bash_lines_evaluate_to_the_right_environment(self):
+        self.env["CODEX_PROXY_API_KEY"] = "key with 'quotes' and $dollars"
+        script = 'eval "$(%s %s env)"; printf "%%s|%%s|%%s|%%s" "$ANTHROPIC_BASE_URL" "$ANTHROPIC_AUTH_TOKEN" ' \
+                 '"$CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC" "$CLAUDE_CODE_AUTO_COMPACT_WINDOW"' % (
+                     sys.executable, HERE / "codex_proxy.py")
+        result = subprocess.run(["bash", "-c", script], env=self.env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.stdout.split("|"), ["http://127.0.0.1:%s" % self.env["CODEX_PROXY_PORT"],
+                                                    "key with 'quotes' and $dollars", "1", "272000"])
+
+    def test_fish_and_powershell_syntax(self):
+        self.env["CODEX_PROXY_API_KEY"] = "k'1"
+        fish = self.run_cli("env", "--shell", "fish", "--port", "9000").stdout.splitlines()
+        self.assertEqual(fish, ["set -gx ANTHROPIC_BASE_URL http://127.0.0.1:9000", "set -gx ANTHROPIC_AUTH_TOKEN 'k\\'1'",
+                                "set -gx CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC 1",
+                                "set -gx CLAUDE_CODE_AUTO_COMPACT_WINDOW 272000"])
+        powershell = self.run_cli("env", "--shell", "powershell").stdout.splitlines()
+        self.assertEqual(powershell[1], "$env:ANTHROPIC_AUTH_TOKEN = 'k''1'")
+        self.assertEqual(powershell[0], "$env:ANTHROPIC_BASE_URL = 'http://127.0.0.1:%s'" % self.env["CODEX_PROXY_PORT"])
+
+
+class TestLauncher(CliCase):
+
+    def test_launcher_starts_a_proxy_runs_claude_with_every_argument_and_returns_its_code(self):
+        self.stub_claude()
+        self.env["ANTHROPIC_API_KEY"] = "sk-ant-real-key-must-not-leak"
+        result = self.run_cli("claude", "-p", "hello there", "--model", "haiku", "--", "--weird")
+        self.assertEqual(result.returncode, 7, result.stderr)
+        seen = json.loads(result.stdout)
+        self.assertEqual(seen["args"], ["-p", "hello there", "--model", "haiku", "--", "--weird"])
+        self.assertEqual(seen["models_status"], 200, "the proxy answered claude with the key it was given")
+        env = seen["env"]
+        self.assertRegex(env["ANTHROPIC_BASE_URL"], r"^http://127\.0\.0\.1:\d+$")
+        self.assertNotEqual(env["ANTHROPIC_BASE_URL"].rsplit(":", 1)[1], self.env["CODEX_PROXY_PORT"], "a free port")
+        self.assertEqual((env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"]), ("1", "272000"))
+        self.assertNotIn("ANTHROPIC_API_KEY", env)
+
+    def test_launcher_uses_a_proxy_that_is_already_running(self):
+        self.stub_claude()
+        port = self.env["CODEX_PROXY_PORT"]
+        process = subprocess.Popen([sys.executable, str(HERE / "codex_proxy.py"), "start"], env=self.env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(stop_process, process)
+        self.assertIn(port, process.stdout.readline())
+        result = self.run_cli("claude", "-p", "x")
+        self.assertEqual(result.returncode, 7, result.stderr)
+        self.assertEqual(json.loads(result.stdout)["env"]["ANTHROPIC_BASE_URL"], "http://127.0.0.1:%s" % port)
+
+    def test_missing_claude_says_how_to_install_it(self):
+        result = self.run_cli("claude", "-p", "x")
+        self.assertEqual(result.returncode, 127)
+        self.assertEqual(result.stderr.strip(), cp.CLAUDE_MISSING)
+        self.assertIn("npm install -g @anthropic-ai/claude-code", result.stderr)
+
+    def test_not_logged_in_says_to_log_in_first(self):
+        self.stub_claude()
+        (self.home / "tokens.json").unlink()
+        result = self.run_cli("claude")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("Run `python codex_proxy.py login` first.", result.stderr)
+
+    @unittest.skipUnless(CLAUDE, "Claude Code CLI not found")
+    def test_launcher_with_the_real_claude_code(self):
+        os.symlink(CLAUDE, str(self.bin / "claude"))
+        self.env["PATH"] = str(self.bin) + os.pathsep + os.environ.get("PATH", "")
+        self.env.update(TMPDIR=str(self.root), CLAUDE_CODE_MAX_RETRIES="1")
+        self.fake.reply(self.fake.turn().text("Launched through the proxy.").completed())
+        result = self.run_cli("claude", "-p", "hi", "--output-format", "json", "--no-session-persistence")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertEqual(json.loads(result.stdout)["result"], "Launched through the proxy.")
+
+
+class TestDoctor(CliCase):
+
+    def script_healthy(self):
+        self.fake.reply(self.fake.turn().text("pong").completed(),
+                        self.fake.turn().tool_call("get_time", {"zone": "UTC"}).completed(),
+                        self.fake.turn().reasoning(["Need the time."]).tool_call("get_time", {"zone": "UTC"}).completed(),
+                        self.fake.turn().text("It is 12:00 UTC.").completed())
+
+    def test_all_checks_pass_against_a_healthy_backend(self):
+        self.script_healthy()
+        result = self.run_cli("doctor")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        lines = result.stdout.splitlines()
+        self.assertEqual([l[0] for l in lines[:-1]], ["\u2713"] * 11, result.stdout)
+        for words in ("Python", "ChatGPT login in", "token file mode 0600", "access token valid",
+                      "Codex backend reachable", "opus -> gpt-5.5 is available", "haiku -> gpt-5.4-mini is available",
+                      "text reply: 'pong'", "tool call: get_time", "reasoning replay: encrypted reasoning sent back and accepted"):
+            self.assertIn(words, result.stdout)
+        self.assertEqual(lines[-1], "All checks passed.")
+        reasoning = [i for i in self.fake.requests[-1]["body"]["input"] if i["type"] == "reasoning"]
+        self.assertEqual(len(reasoning), 1, "the replay really carried the encrypted reasoning")
+
+    def test_a_broken_setup_shows_each_failure_with_its_fix(self):
+        (self.home / "tokens.json").chmod(0o644)
+        self.env["CODEX_PROXY_UPSTREAM"] = "http://127.0.0.1:%d/backend-api/codex" % free_port()
+        result = self.run_cli("doctor")
+        self.assertEqual(result.returncode, 1)
+        out = result.stdout
+        self.assertIn("\u2717 token file mode 0644\n    fix: chmod 600 %s" % (self.home / "tokens.json"), out)
+        self.assertIn("\u2717 Codex backend: Cannot reach the Codex backend", out)
+        for check in ("text reply", "tool call", "reasoning replay"):
+            self.assertRegex(out, "\u2717 %s: Cannot reach.*\n    fix: check the network connection and CODEX_PROXY_UPSTREAM" % check)
+        self.assertTrue(out.rstrip().endswith("5 checks failed."), out)
+
+    def test_a_login_that_expired_for_good_says_to_log_in_again(self):
+        self.env["CODEX_PROXY_ISSUER"] = "http://127.0.0.1:%d" % free_port()
+        write_tokens(self.home / "tokens.json", access=expired_access())
+        result = self.run_cli("doctor")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("\u2717 Could not refresh the ChatGPT login", result.stdout)
+        self.assertIn("fix: run `python codex_proxy.py login`", result.stdout)
+
+    def test_models_not_on_the_plan_are_named_with_the_fix(self):
+        self.fake.catalog = [m for m in FAKE_CATALOG if m["slug"] != "gpt-5.4-mini"]
+        self.script_healthy()
+        result = self.run_cli("doctor")
+        self.assertIn("\u2717 haiku -> gpt-5.4-mini is not available on this plan\n    fix: set CODEX_PROXY_HAIKU_MODEL to one of:",
+                      result.stdout)
+
+
+class TestRequestLog(CliCase):
+
+    def test_verbose_line_and_json_log_per_request(self):
+        log = self.root / "requests.jsonl"
+        self.fake.reply(self.fake.turn().text("logged").completed(input_tokens=900, cached=600, output_tokens=12),
+                        Reply(status=429, body={"error": {"type": "usage_limit_reached", "resets_in_seconds": 90}}))
+        process = subprocess.Popen([sys.executable, str(HERE / "codex_proxy.py"), "start", "--verbose",
+                                    "--log-file", str(log)], env=self.env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        self.addCleanup(stop_process, process)
+        port = int(re.search(r":(\d+)\s*$", process.stdout.readline()).group(1))
+        key = (self.home / "api-key").read_text().strip()
+        for body in (dict(BASIC, stream=True), BASIC):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", "/v1/messages?beta=true", json.dumps(body), {"x-api-key": key, "Content-Type": "application/json"})
+            conn.getresponse().read()
+            conn.close()
+        process.send_signal(__import__("signal").SIGINT)
+        _, err = process.communicate(timeout=15)
+        lines = [l for l in err.splitlines() if "/v1/messages" in l]
+        self.assertEqual(len(lines), 2, err)
+        self.assertRegex(lines[0], r"^\d\d:\d\d:\d\d POST /v1/messages 200 claude-opus-4-8 -> gpt-5\.5 \(medium\) stream "
+                                   r"in=900 cached=600 out=12 first=\d+ms total=\d+ms end_turn$")
+        self.assertRegex(lines[1], r"POST /v1/messages 429 claude-opus-4-8 -> gpt-5\.5 \(medium\) json total=\d+ms "
+                                   r"error=rate_limit_error: The ChatGPT usage limit")
+        records = [json.loads(l) for l in log.read_text().splitlines()]
+        self.assertEqual([(r["status"], r.get("stop_reason"), r.get("input_tokens")) for r in records],
+                         [(200, "end_turn", 900), (429, None, None)])
+        self.assertNotIn(key, err + log.read_text())
+
+
+class TestManual(unittest.TestCase):
+    """The README is the manual: what it names exists, and what exists is in it."""
+
+    def help_texts(self):
+        import contextlib, io
+        texts = {}
+        for command in ("", "start", "login", "status", "logout", "models", "env", "claude", "doctor"):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), self.assertRaises(SystemExit):
+                cp.main(([command] if command else []) + ["--help"])
+            texts[command] = out.getvalue()
+        return texts
+
+    def manual(self):
+        text = (HERE / "README.md").read_text()
+        return text.split("## Development")[0]   # the rest documents the test harness, not the program
+
+    def test_every_command_flag_and_variable_in_the_readme_exists_and_the_reverse(self):
+        texts = self.help_texts()
+        manual = self.manual()
+        helps = "\n".join(texts.values())
+        readme_commands = set(re.findall(r"codex_proxy\.py (start|login|status|logout|models|env|claude|doctor)\b", manual))
+        help_commands = set(re.findall(r"^    (\w+)\s{2,}", texts[""], re.M))
+        self.assertEqual(readme_commands, help_commands)
+        readme_flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", manual)) - {"--"}
+        help_flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", helps))
+        self.assertEqual(readme_flags, help_flags)
+        variables = lambda text: set(re.findall(r"\b(CODEX_PROXY_[A-Z_]+[A-Z]|CODEX_HOME)\b", text))
+        used = variables((HERE / "codex_proxy.py").read_text().split('"""', 2)[2])   # the code, after the docstring
+        self.assertEqual(variables(manual), variables(helps))
+        self.assertEqual(variables(helps), used)
+
+    def test_version_shebang_and_a_symlink_named_codex_proxy(self):
+        script = HERE / "codex_proxy.py"
+        self.assertTrue(script.read_text().startswith("#!/usr/bin/env python3\n"))
+        self.assertTrue(os.access(str(script), os.X_OK), "chmod +x codex_proxy.py is committed")
+        folder = Path(tempfile.mkdtemp(prefix="codex-proxy-link-"))
+        self.addCleanup(shutil.rmtree, str(folder), True)
+        os.symlink(str(script), str(folder / "codex-proxy"))
+        result = subprocess.run([str(folder / "codex-proxy"), "--version"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.stdout.strip(), "codex-proxy " + cp.__version__)
+        usage = subprocess.run([str(folder / "codex-proxy"), "status", "--help"], capture_output=True, text=True, timeout=30)
+        self.assertIn("usage: codex-proxy status", usage.stdout)
 
 
 def stop_process(process):
