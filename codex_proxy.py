@@ -60,6 +60,7 @@ import queue
 import random
 import re
 import secrets
+import select
 import socket
 import sys
 import threading
@@ -689,12 +690,22 @@ class RequestContext:
         self.stop_sequences = stop_sequences
         self.cache_key = cache_key
         self.codex_body = codex_body
+        self.payload = None
         self.context_window = context_window
         self.lite = lite                         # sent in the Responses Lite shape
         self.models = models                     # the models this account can use, as far as known
 
     def input_estimate(self):
+        if self.codex_body is None and self.payload:
+            return estimate_tokens(json.loads(self.payload))   # after the reply, or on an error
         return estimate_tokens(self.codex_body or {})
+
+    def serialize(self):
+        """The body as bytes for the wire. The dict is dropped: while a reply streams,
+        only the bytes are needed (for a retry), and they are a fraction of its size."""
+        self.payload = json_bytes(self.codex_body)
+        self.codex_body = None
+        return self.payload
 
 
 def translate_request(body, headers, config, catalog=None):
@@ -1720,10 +1731,6 @@ def fold_message(events):
 # Upstream client: POST {upstream}/responses, SSE back
 # ---------------------------------------------------------------------------
 
-PING = object()       # yielded by CodexStream.events() when the upstream has been quiet
-_END = object()
-
-
 class UpstreamBroken(Exception):
     """The connection failed or the stream ended early; a retry may succeed."""
 
@@ -1884,11 +1891,11 @@ def describe(exc):
 
 
 class CodexStream:
-    """One streaming /responses reply.
+    """One streaming /responses reply, read by the thread that relays it.
 
-    A helper thread reads the socket and queues parsed events, so the caller
-    can send pings during silence, time out an idle upstream, notice a client
-    that left, and abort at once.
+    Meanwhile the server's Keeper may cut it from another thread: ``abort``
+    shuts the socket, which wakes a blocked read, and the reader then raises
+    the reason it was given.
     """
 
     def __init__(self, client, conn, response):
@@ -1896,84 +1903,89 @@ class CodexStream:
         self.conn = conn
         self.response = response
         self.headers = response.headers
-        self._queue = queue.Queue()
-        self._aborted = False
-        self._done = threading.Event()
-        threading.Thread(target=self._pump, name="codex-stream", daemon=True).start()
+        self.last_event = time.monotonic()
+        self.cut = None          # ClientGone, UpstreamBroken or ProxyError: why it was stopped
+        conn.sock.settimeout(client.config.idle_timeout)   # a backstop; the Keeper is quicker
 
-    def _pump(self):
+    def events(self):
+        """Yield upstream events until the body ends; raise UpstreamBroken or the cut's reason."""
         try:
-            self._read()
-        finally:
-            self._done.set()
-
-    def _read(self):
-        try:
-            if self.conn.sock is not None:
-                self.conn.sock.settimeout(self.client.config.idle_timeout)
             for event in read_sse(self.response):
-                self._queue.put(event)
+                self.last_event = time.monotonic()
+                yield event
         except socket.timeout:
-            self._close()
-            self._queue.put(UpstreamBroken(idle_message(self.client.config.idle_timeout)))
-            return
+            self.close()
+            raise self.cut or UpstreamBroken(idle_message(self.client.config.idle_timeout))
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            self._close()
-            self._queue.put(UpstreamBroken("The connection to the Codex backend broke (%s)." % describe(exc)))
+            self.close()
+            raise self.cut or UpstreamBroken("The connection to the Codex backend broke (%s)." % describe(exc))
+        if self.cut is not None:
+            self.close()
+            raise self.cut
+
+    def finish(self):
+        """After the terminal event: read the end of the body, so the connection can be reused."""
+        try:
+            self.conn.sock.settimeout(1.0)
+            while self.response.read1(65536):
+                pass
+        except (OSError, http.client.HTTPException):
+            self.close()
             return
-        self._queue.put(_END)
-        if self._aborted or self.response.will_close:
-            self._close()
+        if self.response.will_close or not self.response.isclosed():
+            self.close()
         else:
             self.client.release(self.conn)
 
-    def _close(self):
-        # Only the reader thread closes the response: its file object holds the socket open.
-        self.response.close()
-        self.conn.close()
-
-    def events(self, ping_interval, idle_timeout, check=None):
-        """Yield upstream events, or PING after ``ping_interval`` seconds of silence.
-
-        ``check`` runs about once a second while the upstream is quiet; it may
-        raise to stop (the client left, the proxy is shutting down).
-        """
-        last_event = last_beat = time.monotonic()
-        wait = min(ping_interval, 1.0)
-        while True:
-            try:
-                item = self._queue.get(timeout=wait)
-            except queue.Empty:
-                now = time.monotonic()
-                if check is not None:
-                    check()
-                if now - last_event >= idle_timeout:
-                    raise UpstreamBroken(idle_message(idle_timeout))
-                if now - last_beat >= ping_interval:
-                    last_beat = now
-                    yield PING
-                continue
-            if item is _END:
-                return
-            if isinstance(item, Exception):
-                raise item
-            last_event = last_beat = time.monotonic()
-            yield item
-
-    def finish(self, timeout=1.0):
-        """After the terminal event: let the body end cleanly so the connection is reused."""
-        if not self._done.wait(timeout):
-            self.abort()
-
-    def abort(self):
-        """Stop reading now; the socket is shut so the reader thread wakes and exits."""
-        self._aborted = True
+    def abort(self, cut=None):
+        """Stop now, from any thread."""
+        if cut is not None and self.cut is None:
+            self.cut = cut
         sock = self.conn.sock
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def close(self):
+        # Only the reading thread closes: the response's file object holds the socket.
+        self.response.close()
+        self.conn.close()
+
+
+class Keeper:
+    """One thread for the whole server, looking at every running reply about once a
+    second: pings the quiet ones, ends idle upstreams, notices clients that left.
+    The relaying threads then spend no time on any of this."""
+
+    def __init__(self, server):
+        self.server = server
+        self.watched = {}
+        self.lock = threading.Lock()
+        self.thread = None
+
+    def watch(self, handler, stream):
+        with self.lock:
+            self.watched[handler] = stream
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="codex-proxy-keeper", daemon=True)
+                self.thread.start()
+
+    def unwatch(self, handler):
+        with self.lock:
+            self.watched.pop(handler, None)
+
+    def run(self):
+        config = self.server.config
+        tick = min(1.0, config.ping_interval / 2.0, config.idle_timeout / 4.0)
+        while True:
+            time.sleep(tick)
+            with self.lock:
+                watched = list(self.watched.items())
+            now = time.monotonic()
+            for handler, stream in watched:
+                handler.keep(stream, now)
 
 
 def idle_message(seconds):
@@ -2299,6 +2311,7 @@ class ProxyServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128   # the default 5 drops connections when many clients start at once
 
     def __init__(self, config, handler=None):
         self.config = config
@@ -2306,6 +2319,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.codex = CodexClient(config, self.tokens)
         self.catalog = ModelCatalog(config, self.codex)
         self.calibration = TokenCalibration()
+        self.keeper = Keeper(self)
         self.quota = load_quota(config)
         self._quota_saved = 0.0
         self.proxy_key = config.proxy_key()
@@ -2378,6 +2392,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def setup(self):
         BaseHTTPRequestHandler.setup(self)
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.write_lock = threading.Lock()
 
     def handle_one_request(self):
         # A client may keep its connection idle for long between turns, but once
@@ -2415,6 +2430,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _begin(self):
         self.request_id = "req_" + secrets.token_hex(12)
         self.sse_started = False
+        self.sse_ended = False
+        self.last_write = time.monotonic()
         self.started_at = time.monotonic()
         self.first_output_at = None
         self.status = None
@@ -2555,10 +2572,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         body = self._read_json()
         codex_body, context = translate_request(body, self.headers.items(), self.server.config,
                                                 self.server.catalog.current())
+        stream = body.get("stream") is True
         if self.note is not None:
             self.note.update(model=context.requested_model, upstream_model=context.model,
-                             effort=codex_body["reasoning"]["effort"], stream=body.get("stream") is True)
-        self._relay(json_bytes(codex_body), context, body.get("stream") is True)
+                             effort=codex_body["reasoning"]["effort"], stream=stream)
+        del body, codex_body   # while the reply streams, only the bytes below are kept
+        self._relay(context.serialize(), context, stream)
 
     def handle_count_tokens(self):
         body = self._read_json()
@@ -2612,7 +2631,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _relay_attempts(self, payload, context, stream):
         config = self.server.config
-        stopping = self.server.stopping
+        keeper = self.server.keeper
         attempt = 0
         while True:
             translator = ResponseTranslator(context)
@@ -2620,13 +2639,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             upstream = None
             try:
                 upstream = self.server.codex.open(payload, context)
-                for event in upstream.events(config.ping_interval, config.idle_timeout, self._check_client):
-                    if stopping.is_set():
-                        self._check_client()
-                    if event is PING:
-                        if self.sse_started:
-                            self._write_event(PING_EVENT)
-                        continue
+                keeper.watch(self, upstream)
+                for event in upstream.events():
                     out = translator.feed(event)
                     if self.first_output_at is None and translator.has_output:
                         self.first_output_at = time.monotonic()
@@ -2651,11 +2665,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
             except (ClientGone, OSError):
                 if upstream is not None:
                     upstream.abort()
+                    upstream.close()
                 self.close_connection = True
                 return
             else:
                 if translator.cut_short:
                     upstream.abort()   # a stop sequence matched: the rest is not wanted
+                    upstream.close()
                 else:
                     upstream.finish()
                 if stream:
@@ -2664,8 +2680,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     self._send_json(200, fold_message(held), unified_ratelimit_headers(quota_from_headers(upstream.headers)))
                 self._learn(context, translator, upstream)
                 return
+            finally:
+                if upstream is not None:
+                    keeper.unwatch(self)
             if upstream is not None:
                 upstream.abort()
+                upstream.close()
             if self.note is not None:
                 self.note["error"] = "%s: %s" % (error.error_type, error.message)
             if error.retryable and not self.sse_started and attempt < config.retries:
@@ -2678,6 +2698,23 @@ class ProxyHandler(BaseHTTPRequestHandler):
             else:
                 self._reply_error(error)
             return
+
+    def keep(self, stream, now):
+        """Called by the Keeper about once a second while ``stream`` is relayed."""
+        config = self.server.config
+        if self.server.stopping.is_set():
+            stream.abort(ProxyError(529, "overloaded_error", "The proxy is shutting down; try again."))
+        elif self._client_gone():
+            stream.abort(ClientGone())
+        elif now - stream.last_event >= config.idle_timeout:
+            stream.abort(UpstreamBroken(idle_message(config.idle_timeout)))
+        elif now - self.last_write >= config.ping_interval:
+            with self.write_lock:   # the relaying thread writes too
+                if self.sse_started and not self.sse_ended:
+                    try:
+                        self._send_event(PING_EVENT)
+                    except OSError:
+                        stream.abort(ClientGone())
 
     def _learn(self, context, translator, upstream):
         """After the reply: calibrate count_tokens, keep the usage windows, note the outcome."""
@@ -2693,16 +2730,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if quota:
             self.server.note_quota(quota)
 
-    def _check_client(self):
-        """Raise ClientGone once the client closed its end, or an error when the proxy stops."""
-        if self.server.stopping.is_set():
-            raise ProxyError(529, "overloaded_error", "The proxy is shutting down; try again.")
+    def _client_gone(self):
+        """True once the client closed its end (readable, with nothing to read)."""
         try:
-            gone = select_readable(self.connection) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            return bool(select_readable(self.connection)) and self.connection.recv(1, socket.MSG_PEEK) == b""
         except OSError:
-            gone = True
-        if gone:
-            raise ClientGone()
+            return True
 
     # -- writing ----------------------------------------------------------
 
@@ -2715,15 +2748,23 @@ class ProxyHandler(BaseHTTPRequestHandler):
         for name, value in unified_ratelimit_headers(quota_from_headers(upstream.headers)).items():
             self.send_header(name, value)
         self.end_headers()
+        self.last_write = time.monotonic()
         self.sse_started = True
 
     def _write_event(self, event):
+        with self.write_lock:
+            self._send_event(event)
+
+    def _send_event(self, event):
         """The one place an SSE event is written: one chunk, sent at once."""
         data = b"event: %s\ndata: %s\n\n" % (event["type"].encode("ascii"), json_bytes(event))
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.last_write = time.monotonic()
 
     def _end_sse(self, close=False):
-        self.wfile.write(b"0\r\n\r\n")
+        with self.write_lock:
+            self.sse_ended = True
+            self.wfile.write(b"0\r\n\r\n")
         if close:
             self.close_connection = True
 
@@ -2789,7 +2830,6 @@ def json_bytes(doc):
 
 
 def select_readable(sock):
-    import select
     return select.select([sock], [], [], 0)[0]
 
 

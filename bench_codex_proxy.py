@@ -1,0 +1,429 @@
+#!/usr/bin/env python3
+"""Measure what codex_proxy adds: latency, throughput, memory, connections, start-up.
+
+    python bench_codex_proxy.py            # the full run (a few minutes)
+    python bench_codex_proxy.py --quick    # a smoke run (under 30 s)
+
+A fake Codex upstream in this process streams a realistic turn: a reasoning
+item with summary deltas, 300 text deltas and a tool call with 50 argument
+deltas. Each text delta carries the moment it was sent, so a client can tell
+how long it took to arrive, straight from the upstream or through the proxy.
+The proxy runs as a real `codex_proxy.py start` process. Prints a table, then
+one JSON line with every number.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROXY = HERE / "codex_proxy.py"
+KEY = "bench-" + secrets.token_hex(16)
+RATE = 100   # upstream events per second per stream in the latency runs
+TARGETS = {"ttfb_added_p50_ms": 2.0, "ttfb_added_p99_ms": 10.0, "event_added_ms": 1.0,
+           "events_per_core_second": 20000, "rss_64_mb": 40.0, "connections_per_100": 1, "start_ms": 150.0}
+
+
+# ---------------------------------------------------------------------------
+# The fake upstream
+# ---------------------------------------------------------------------------
+
+def turn_events():
+    """One realistic Responses stream, as a list of event dicts ({stamp} marks a send time)."""
+    events, seq = [], [0]
+
+    def add(kind, **fields):
+        fields.update(type=kind, sequence_number=seq[0])
+        seq[0] += 1
+        events.append(fields)
+    response = {"id": "resp_bench", "object": "response", "status": "in_progress", "model": "gpt-5.5", "output": []}
+    add("response.created", response=response)
+    add("response.in_progress", response=response)
+    add("response.output_item.added", output_index=0, item={"id": "rs_1", "type": "reasoning", "summary": [],
+                                                            "encrypted_content": "gAAAAB" + "e" * 400})
+    add("response.reasoning_summary_part.added", item_id="rs_1", output_index=0, summary_index=0,
+        part={"type": "summary_text", "text": ""})
+    for _ in range(20):
+        add("response.reasoning_summary_text.delta", item_id="rs_1", output_index=0, summary_index=0,
+            delta=" thinking", obfuscation="abcdefgh")
+    add("response.output_item.done", output_index=0, item={"id": "rs_1", "type": "reasoning", "summary": [],
+                                                           "encrypted_content": "gAAAAB" + "f" * 1200})
+    add("response.output_item.added", output_index=1, item={"id": "msg_1", "type": "message", "role": "assistant",
+                                                            "status": "in_progress", "content": []})
+    for _ in range(300):
+        add("response.output_text.delta", item_id="msg_1", output_index=1, content_index=0, delta="{stamp}",
+            logprobs=[], obfuscation="abcdefgh")
+    add("response.output_item.done", output_index=1, item={"id": "msg_1", "type": "message", "role": "assistant",
+                                                           "status": "completed", "content": []})
+    add("response.output_item.added", output_index=2, item={"id": "fc_1", "type": "function_call", "name": "Bash",
+                                                            "call_id": "call_bench", "arguments": ""})
+    add("response.function_call_arguments.delta", item_id="fc_1", output_index=2, delta='{"command":"')
+    for _ in range(48):
+        add("response.function_call_arguments.delta", item_id="fc_1", output_index=2, delta="echo ")
+    add("response.function_call_arguments.delta", item_id="fc_1", output_index=2, delta='"}')
+    add("response.output_item.done", output_index=2, item={"id": "fc_1", "type": "function_call", "name": "Bash",
+                                                           "call_id": "call_bench", "arguments": '{"command":"x"}'})
+    add("response.completed", response=dict(response, status="completed", usage={
+        "input_tokens": 12000, "input_tokens_details": {"cached_tokens": 11000}, "output_tokens": 900}))
+    return events
+
+
+def sse_chunks(events):
+    """Each event as one HTTP chunk; "{stamp}" is filled in at send time."""
+    out = []
+    for event in events:
+        data = b"event: %s\ndata: %s\n\n" % (event["type"].encode(), json.dumps(event).encode())
+        out.append((b"{stamp}" in data, data))
+    return out
+
+
+class FakeUpstream:
+    """Streams the turn for every POST; ``rate`` events per second per stream (0: full speed)."""
+
+    def __init__(self):
+        self.chunks = sse_chunks(turn_events())
+        self.rate = 0
+        self.connections = 0
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                BaseHTTPRequestHandler.setup(self)
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.counted = False
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                if not self.counted:   # connections that carried a turn (not the catalog fetch)
+                    self.counted = True
+                    with fake.lock:
+                        fake.connections += 1
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fake.stream(self)
+
+            def do_GET(self):   # the model catalog: none, so the proxy uses its built-in table
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.request_queue_size = 256
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def base(self):
+        return "http://127.0.0.1:%d/backend-api/codex" % self.server.server_address[1]
+
+    def stream(self, handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        gap = 1.0 / self.rate if self.rate else 0
+        start = time.monotonic()
+        try:
+            for n, (stamped, data) in enumerate(self.chunks):
+                if gap:
+                    delay = start + n * gap - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                if stamped:
+                    data = data.replace(b"{stamp}", b"%.6f;" % time.monotonic())
+                handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            handler.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            handler.close_connection = True
+
+
+# ---------------------------------------------------------------------------
+# The proxy, as a real process
+# ---------------------------------------------------------------------------
+
+def request_body():
+    """A request the size of Claude Code's (about 50 KB: a long system prompt and a dozen tools)."""
+    schema = {"type": "object", "properties": {"p%d" % n: {"type": "string", "description": "x" * 80}
+                                               for n in range(20)}}
+    tools = [{"name": "Tool%d" % n, "description": "d" * 400, "input_schema": schema} for n in range(12)]
+    return {"model": "claude-opus-4-8", "max_tokens": 32000, "stream": True,
+            "thinking": {"type": "adaptive", "display": "updates"},
+            "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=1;"},
+                       {"type": "text", "text": "You are a coding agent. " * 800}],
+            "tools": tools, "messages": [{"role": "user", "content": "Run the tests."}]}
+
+
+class Proxy:
+    def __init__(self, upstream):
+        self.home = Path(tempfile.mkdtemp(prefix="codex-proxy-bench-"))
+        (self.home / "tokens.json").write_text(json.dumps({"tokens": {
+            "access_token": "bench-token", "refresh_token": "rt", "account_id": "acct"}}))
+        self.env = dict(os.environ, CODEX_PROXY_HOME=str(self.home), CODEX_HOME=str(self.home / "codex"),
+                        CODEX_PROXY_UPSTREAM=upstream, CODEX_PROXY_API_KEY=KEY)
+        started = time.monotonic()
+        self.process = subprocess.Popen([sys.executable, str(PROXY), "start", "--port", "0"], env=self.env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.port = int(re.search(r":(\d+)\s*$", self.process.stdout.readline()).group(1))
+        socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
+        self.start_ms = (time.monotonic() - started) * 1000
+
+    def pin(self, cpu):
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(self.process.pid, {cpu})
+
+    def cpu_seconds(self):
+        fields = Path("/proc/%d/stat" % self.process.pid).read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self):
+        status = Path("/proc/%d/status" % self.process.pid).read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024.0
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+        shutil.rmtree(str(self.home), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------
+
+STAMP = re.compile(rb"(\d+\.\d{6});")
+
+
+class Client:
+    """Keeps one connection; times one streamed reply at a time."""
+
+    def __init__(self, port, path, headers, marker=None):
+        self.port, self.path, self.headers, self.marker = port, path, headers, marker
+        self.conn = None
+
+    def stream(self, body):
+        """-> (seconds to the first output, [per-event latency], events counted).
+
+        The first output is the first byte from the proxy (it answers once the
+        upstream produced an output item), and the first output item when
+        reading the upstream directly: the same moment of the reply.
+        """
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            self.conn.connect()
+            self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sent = time.monotonic()
+        self.conn.request("POST", self.path, body, self.headers)
+        response = self.conn.getresponse()
+        first, latencies, events, tail = None, [], 0, b""
+        while True:
+            chunk = response.read1(65536)
+            if not chunk:
+                break
+            now = time.monotonic()
+            if first is None and (self.marker is None or self.marker in tail + chunk):
+                first = now - sent
+            data = tail + chunk
+            events += data.count(b"\n\n") - tail.count(b"\n\n")
+            latencies.extend(now - float(stamp) for stamp in STAMP.findall(data))
+            tail = data[data.rfind(b"\n\n") + 2:]   # a stamp cut in two is read whole with the next chunk
+        if response.status != 200:
+            raise RuntimeError("HTTP %d" % response.status)
+        return first, latencies, events
+
+    def close(self):
+        if self.conn:
+            self.conn.close()
+
+
+def direct_client(upstream):
+    return Client(upstream.server.server_address[1], "/backend-api/codex/responses",
+                  {"Content-Type": "application/json", "Accept": "text/event-stream"}, b"output_item.added")
+
+
+def proxy_client(proxy):
+    return Client(proxy.port, "/v1/messages?beta=true", {"x-api-key": KEY, "Content-Type": "application/json"})
+
+
+def run_clients(make, count, per_client, body, stagger=0.0):
+    """count clients, each streaming per_client replies; -> (ttfbs, latencies, events, seconds).
+
+    With ``stagger`` the clients start that many seconds apart, so that new
+    requests meet streams already running (a steady state, not one burst).
+    """
+    ttfbs, latencies, events, lock = [], [], [0], threading.Lock()
+
+    def work(n):
+        time.sleep(n * stagger)
+        client = make()
+        try:
+            for _ in range(per_client):
+                first, lat, n = client.stream(body)
+                with lock:
+                    ttfbs.append(first)
+                    latencies.extend(lat)
+                    events[0] += n
+        finally:
+            client.close()
+    started = time.monotonic()
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return ttfbs, latencies, events[0], time.monotonic() - started
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
+
+
+# ---------------------------------------------------------------------------
+# The measurements
+# ---------------------------------------------------------------------------
+
+def measure(quick):
+    results = {}
+    upstream = FakeUpstream()
+    body = json.dumps(request_body()).encode()
+    sys.path.insert(0, str(HERE))
+    import codex_proxy
+    translated, _ = codex_proxy.translate_request(request_body(), {}, codex_proxy.Config(), {})
+    codex_body = codex_proxy.json_bytes(translated)   # what the proxy sends: the upstream's work is the same
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+    starts = []
+    for _ in range(3 if quick else 7):
+        proxy = Proxy(upstream.base)
+        starts.append(proxy.start_ms)
+        proxy.stop()
+    results["start_ms"] = round(percentile(starts, 0.5), 1)
+
+    proxy = Proxy(upstream.base)
+    try:
+        # Latency, at a fast but real token rate (100 events/s: a Codex model streams 50-100
+        # tokens a second), 32 streams running at once, direct and through the proxy.
+        upstream.rate = RATE
+        rounds = 2 if quick else 6
+        stagger = len(upstream.chunks) / float(RATE) / 32
+        direct = run_clients(lambda: direct_client(upstream), 32, rounds, codex_body, stagger)
+        through = run_clients(lambda: proxy_client(proxy), 32, rounds, body, stagger)
+        for name, (ttfbs, lat, _, _) in (("direct", direct), ("proxy", through)):
+            results["ttfb_%s_p50_ms" % name] = round(percentile(ttfbs, 0.5) * 1000, 2)
+            results["ttfb_%s_p99_ms" % name] = round(percentile(ttfbs, 0.99) * 1000, 2)
+            results["event_%s_p50_ms" % name] = round(percentile(lat, 0.5) * 1000, 3)
+            results["event_%s_p99_ms" % name] = round(percentile(lat, 0.99) * 1000, 3)
+        results["ttfb_added_p50_ms"] = round(results["ttfb_proxy_p50_ms"] - results["ttfb_direct_p50_ms"], 2)
+        results["ttfb_added_p99_ms"] = round(results["ttfb_proxy_p99_ms"] - results["ttfb_direct_p99_ms"], 2)
+        results["event_added_ms"] = round(results["event_proxy_p50_ms"] - results["event_direct_p50_ms"], 3)
+        results["event_added_p99_ms"] = round(results["event_proxy_p99_ms"] - results["event_direct_p99_ms"], 3)
+
+        # The same at four times that rate (12,800 events/s in all): where one core runs out.
+        upstream.rate = 4 * RATE
+        direct = run_clients(lambda: direct_client(upstream), 32, 1, codex_body, stagger / 4)
+        through = run_clients(lambda: proxy_client(proxy), 32, 1, body, stagger / 4)
+        results["stress_event_added_ms"] = round((percentile(through[1], 0.5) - percentile(direct[1], 0.5)) * 1000, 3)
+        results["stress_ttfb_added_p50_ms"] = round((percentile(through[0], 0.5) - percentile(direct[0], 0.5)) * 1000, 2)
+
+        # Connections: 100 sequential turns on a fresh proxy, then 100 turns from 8 clients at once.
+        upstream.rate = 0
+        proxy.stop()
+        proxy = Proxy(upstream.base)
+        before = upstream.connections
+        run_clients(lambda: proxy_client(proxy), 1, 100, body)
+        results["connections_per_100"] = upstream.connections - before
+        before = upstream.connections
+        run_clients(lambda: proxy_client(proxy), 8, 13, body)
+        results["connections_per_100_at_8_concurrent"] = upstream.connections - before
+
+        # Throughput on one core: the proxy pinned to one CPU, everything else on the others.
+        if cpus >= 2:
+            proxy.pin(0)
+            os.sched_setaffinity(0, set(range(1, cpus)))
+        cpu_before = proxy.cpu_seconds()
+        turns, _, _, seconds = run_clients(lambda: proxy_client(proxy), 8, 4 if quick else 25, body)
+        cpu = proxy.cpu_seconds() - cpu_before
+        upstream_events = len(turns) * len(upstream.chunks)
+        results["events_per_second_wall"] = int(upstream_events / seconds)
+        results["events_per_core_second"] = int(upstream_events / cpu) if cpu else None
+        results["proxy_cpu_share"] = round(cpu / seconds, 2)
+        if cpus >= 2:
+            os.sched_setaffinity(0, set(range(cpus)))
+            os.sched_setaffinity(proxy.process.pid, set(range(cpus)))
+    finally:
+        proxy.stop()
+
+    # Memory: a fresh proxy, then 1, 16 and 64 streams at once (paced, so they overlap).
+    proxy = Proxy(upstream.base)
+    try:
+        upstream.rate = 250
+        results["rss_idle_mb"] = round(proxy.rss_mb(), 1)
+        for streams in (1, 16, 64):
+            peak, done = [proxy.rss_mb()], threading.Event()
+
+            def sample():
+                while not done.is_set():
+                    peak.append(proxy.rss_mb())
+                    time.sleep(0.02)
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            run_clients(lambda: proxy_client(proxy), streams, 1 if quick else 2, body)
+            done.set()
+            sampler.join()
+            results["rss_%d_mb" % streams] = round(max(peak), 1)
+    finally:
+        proxy.stop()
+    results["machine"] = "%d CPU, %s, Python %s" % (os.cpu_count(), sys.platform, sys.version.split()[0])
+    return results
+
+
+def report(results):
+    rows = [
+        ("added time to first byte, p50 (32 streams)", "ttfb_added_p50_ms", "ms", "<="),
+        ("added time to first byte, p99 (32 streams)", "ttfb_added_p99_ms", "ms", "<="),
+        ("added delay per event, p50", "event_added_ms", "ms", "<="),
+        ("upstream events per proxy CPU-second", "events_per_core_second", "/s", ">="),
+        ("peak RSS, 64 concurrent streams", "rss_64_mb", "MB", "<="),
+        ("upstream connections per 100 sequential turns", "connections_per_100", "", "<="),
+        ("start to listening", "start_ms", "ms", "<="),
+    ]
+    print("%-48s %12s %10s  %s" % ("measure", "value", "target", "met"))
+    for label, key, unit, sense in rows:
+        value, target = results.get(key), TARGETS[key]
+        met = value is not None and (value <= target if sense == "<=" else value >= target)
+        print("%-48s %12s %10s  %s" % (label, "%s %s" % (value, unit), "%s %s" % (target, unit), "yes" if met else "NO"))
+    print("\ndetails: TTFB direct %(ttfb_direct_p50_ms)s/%(ttfb_direct_p99_ms)s ms, proxy %(ttfb_proxy_p50_ms)s/"
+          "%(ttfb_proxy_p99_ms)s ms (p50/p99); per event direct %(event_direct_p50_ms)s ms, proxy "
+          "%(event_proxy_p50_ms)s ms (p99 added %(event_added_p99_ms)s ms); %(events_per_second_wall)s events/s "
+          "wall at %(proxy_cpu_share)s of a core; RSS idle %(rss_idle_mb)s MB, 1 stream %(rss_1_mb)s MB, 16 streams "
+          "%(rss_16_mb)s MB; connections per 100 turns from 8 clients: %(connections_per_100_at_8_concurrent)s; "
+          "at 4x the token rate (12,800 events/s): added per event %(stress_event_added_ms)s ms, added first "
+          "byte %(stress_ttfb_added_p50_ms)s ms; %(machine)s" % results)
+    print(json.dumps(results, sort_keys=True))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Measure the overhead codex_proxy adds.")
+    parser.add_argument("--quick", action="store_true", help="a smoke run, under 30 seconds")
+    args = parser.parse_args(argv)
+    report(measure(args.quick))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
