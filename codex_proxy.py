@@ -1871,7 +1871,7 @@ class CodexClient:
         if conn.sock is None:
             return
         with self._lock:
-            if len(self._idle) < 16:
+            if len(self._idle) < 64:   # one per concurrent stream, so bursts reuse rather than reconnect
                 self._idle.append(conn)
                 return
         conn.close()
@@ -1985,7 +1985,10 @@ class Keeper:
                 watched = list(self.watched.items())
             now = time.monotonic()
             for handler, stream in watched:
-                handler.keep(stream, now)
+                try:
+                    handler.keep(stream, now)
+                except Exception as exc:   # one odd stream must not stop the keeping of all the others
+                    handler.log_error("keeper: %s", describe(exc))
 
 
 def idle_message(seconds):
@@ -2388,6 +2391,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     server_version = "codex-proxy/" + __version__
     sys_version = ""
     request_id = None
+    relaying = None   # the CodexStream being relayed now, for the Keeper
 
     def setup(self):
         BaseHTTPRequestHandler.setup(self)
@@ -2639,6 +2643,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             upstream = None
             try:
                 upstream = self.server.codex.open(payload, context)
+                self.relaying = upstream
                 keeper.watch(self, upstream)
                 for event in upstream.events():
                     out = translator.feed(event)
@@ -2682,6 +2687,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return
             finally:
                 if upstream is not None:
+                    self.relaying = None
                     keeper.unwatch(self)
             if upstream is not None:
                 upstream.abort()
@@ -2701,6 +2707,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def keep(self, stream, now):
         """Called by the Keeper about once a second while ``stream`` is relayed."""
+        if self.relaying is not stream:
+            return   # a stale look: that reply has ended meanwhile
         config = self.server.config
         if self.server.stopping.is_set():
             stream.abort(ProxyError(529, "overloaded_error", "The proxy is shutting down; try again."))
@@ -2734,7 +2742,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """True once the client closed its end (readable, with nothing to read)."""
         try:
             return bool(select_readable(self.connection)) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except OSError:
+        except (OSError, ValueError):   # ValueError: the socket is already closed
             return True
 
     # -- writing ----------------------------------------------------------

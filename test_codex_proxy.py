@@ -340,6 +340,7 @@ class QuietServer(ThreadingHTTPServer):
     (which the proxy does on purpose: aborts, bounded reads of error bodies)."""
 
     daemon_threads = True
+    request_queue_size = 128   # like the proxy: many connections may arrive at once
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], OSError):
@@ -2634,8 +2635,11 @@ class TestConcurrency(ProxyCase):
                                  {"x-api-key": PROXY_KEY, "Content-Type": "application/json"})
                     response = conn.getresponse()
                     raw = response.read()
+                    if response.status != 200:
+                        raise AssertionError("HTTP %d: %s" % (response.status, raw[:300]))
                     message = cp.fold_message(check_stream(self, raw))
-                    assert response.status == 200 and message["content"][0]["text"] == "concurrent reply"
+                    if message["content"] != [{"type": "text", "text": "concurrent reply"}]:
+                        raise AssertionError("content %r" % (message["content"],))
                     with lock:
                         done.append(ticket)
                 except Exception as exc:   # noted, then the assertion below reports all of them
@@ -3302,6 +3306,42 @@ class TestManual(unittest.TestCase):
         self.assertEqual(result.stdout.strip(), "codex-proxy " + cp.__version__)
         usage = subprocess.run([str(folder / "codex-proxy"), "status", "--help"], capture_output=True, text=True, timeout=30)
         self.assertIn("usage: codex-proxy status", usage.stdout)
+
+
+class TestKeeper(unittest.TestCase):
+    """The one thread that pings, times out and notices departed clients for every reply."""
+
+    def test_one_failing_stream_does_not_stop_the_keeping_of_the_others(self):
+        config = make_config(tempfile.gettempdir(), "http://127.0.0.1:9/x", ping_interval=0.1, idle_timeout=10)
+        server = type("Server", (), {"config": config})()
+        keeper = cp.Keeper(server)
+        seen = threading.Event()
+
+        class Broken:
+            def keep(self, stream, now):
+                raise ValueError("file descriptor cannot be a negative integer (-1)")
+
+            def log_error(self, *args):
+                pass
+
+        class Healthy:
+            calls = 0
+
+            def keep(self, stream, now):
+                Healthy.calls += 1
+                if Healthy.calls >= 3:
+                    seen.set()
+        keeper.watch(Broken(), object())
+        keeper.watch(Healthy(), object())
+        self.assertTrue(seen.wait(10), "the keeper kept going past the failing stream")
+
+    def test_a_closed_client_socket_counts_as_gone(self):
+        left, right = socket.socketpair()
+        right.close()
+        handler = type("Handler", (), {"connection": left})()
+        self.assertTrue(cp.ProxyHandler._client_gone(handler))
+        left.close()
+        self.assertTrue(cp.ProxyHandler._client_gone(handler), "no ValueError on a closed socket")
 
 
 def stop_process(process):
