@@ -89,6 +89,17 @@ def sse_chunks(events):
     return out
 
 
+class QuietServer(ThreadingHTTPServer):
+    """Says nothing when the proxy hangs up (it does, on purpose, when it stops)."""
+
+    daemon_threads = True
+    request_queue_size = 256
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], OSError):
+            ThreadingHTTPServer.handle_error(self, request, client_address)
+
+
 class FakeUpstream:
     """Streams the turn for every POST; ``rate`` events per second per stream (0: full speed)."""
 
@@ -123,9 +134,7 @@ class FakeUpstream:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.request_queue_size = 256
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property
