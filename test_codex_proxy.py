@@ -373,7 +373,54 @@ class Reply:
         self.client_left = threading.Event()
 
 
-class FakeCodex:
+class FakeServer:
+    """A loopback HTTP/1.1 server whose requests go to on_get / on_post."""
+
+    def __init__(self):
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                BaseHTTPRequestHandler.setup(self)
+                owner.on_connect()
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                owner.on_get(self)
+
+            def do_POST(self):
+                owner.on_post(self)
+
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def on_connect(self):
+        pass
+
+    def send_json(self, handler, status, doc, headers=None):
+        data = json.dumps(doc).encode() if not isinstance(doc, bytes) else doc
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(data)
+
+
+class FakeCodex(FakeServer):
     """Stand-in for https://chatgpt.com/backend-api/codex that rejects what the real one rejects."""
 
     def __init__(self):
@@ -388,33 +435,17 @@ class FakeCodex:
         self.valid_tokens = {ACCESS_TOKEN}
         self.connections = 0
         self.lock = threading.Lock()
-        fake = self
+        FakeServer.__init__(self)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def setup(self):
-                BaseHTTPRequestHandler.setup(self)
-                with fake.lock:
-                    fake.connections += 1
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                fake.handle(self)
-
-            def do_GET(self):
-                fake.handle_get(self)
-
-        self.server = QuietServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    def on_connect(self):
+        with self.lock:
+            self.connections += 1
 
     @property
     def url(self):
         return "http://127.0.0.1:%d/backend-api/codex" % self.server.server_address[1]
 
-    def handle_get(self, handler):
+    def on_get(self, handler):
         """GET /models?client_version=… (the account's catalog) and /wham/usage."""
         headers = {k.lower(): v for k, v in handler.headers.items()}
         with self.lock:
@@ -427,15 +458,10 @@ class FakeCodex:
             return self.send_json(handler, 200, self.usage)
         self.send_json(handler, 404, {"detail": "Not Found"})
 
-    def start(self):
-        self.thread.start()
-        return self
-
     def stop(self):
         for reply in list(self.script):
             reply.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        FakeServer.stop(self)
 
     def reset(self):
         with self.lock:
@@ -456,7 +482,7 @@ class FakeCodex:
             self.script.append(reply if isinstance(reply, Reply) else Reply(events=reply))
         return replies[0] if len(replies) == 1 else replies
 
-    def handle(self, handler):
+    def on_post(self, handler):
         length = int(handler.headers.get("Content-Length") or 0)
         raw = handler.rfile.read(length)
         headers = {k.lower(): v for k, v in handler.headers.items()}
@@ -500,16 +526,6 @@ class FakeCodex:
         if not isinstance(body, dict) or headers.get("session-id") != body.get("prompt_cache_key"):
             return 400, "session-id must equal prompt_cache_key"
         return None
-
-    def send_json(self, handler, status, doc, headers=None):
-        data = json.dumps(doc).encode() if not isinstance(doc, bytes) else doc
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            handler.send_header(name, value)
-        handler.end_headers()
-        handler.wfile.write(data)
 
     def stall(self, connection, reply):
         """Send nothing until released; note it when the proxy hangs up on us."""
@@ -571,7 +587,7 @@ def make_jwt(claims):
 AUTH_CLAIMS = {"chatgpt_account_id": ACCOUNT_ID, "chatgpt_plan_type": "plus", "chatgpt_user_id": "user-1"}
 
 
-class FakeIssuer:
+class FakeIssuer(FakeServer):
     """Stand-in for https://auth.openai.com: PKCE authorize, token endpoint with
     single-use rotating refresh tokens, device-code endpoints, revoke."""
 
@@ -587,34 +603,11 @@ class FakeIssuer:
         self.device_polls_pending = 2
         self.devices = {}
         self.token_lifetime = 3600
-        issuer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                issuer.authorize(self)
-
-            def do_POST(self):
-                issuer.post(self)
-
-        self.server = QuietServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        FakeServer.__init__(self)
 
     @property
     def url(self):
         return "http://127.0.0.1:%d" % self.server.server_address[1]
-
-    def start(self):
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
 
     def mint(self):
         """A fresh token set, accepted by the paired FakeCodex."""
@@ -628,17 +621,8 @@ class FakeIssuer:
         id_token = make_jwt({"email": "dev@example.com", "https://api.openai.com/auth": AUTH_CLAIMS})
         return {"id_token": id_token, "access_token": access, "refresh_token": refresh}
 
-    def reply(self, handler, status, doc, headers=None):
-        data = json.dumps(doc).encode()
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            handler.send_header(name, value)
-        handler.end_headers()
-        handler.wfile.write(data)
-
-    def authorize(self, handler):
+    def on_get(self, handler):
+        """GET /oauth/authorize: check the PKCE request, redirect back with a code."""
         from urllib.parse import parse_qs, urlsplit, urlencode
         url = urlsplit(handler.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
@@ -648,7 +632,7 @@ class FakeIssuer:
         redirect = query.get("redirect_uri", "")
         if url.path != "/oauth/authorize" or problems or not re.match(r"^http://localhost:\d+/auth/callback$", redirect) \
                 or len(query.get("code_challenge", "")) != 43 or not query.get("state"):
-            return self.reply(handler, 400, {"error": "invalid_request", "problems": problems})
+            return self.send_json(handler, 400, {"error": "invalid_request", "problems": problems})
         code = "ac_" + secrets.token_hex(12)
         with self.lock:
             self.codes[code] = (query["code_challenge"], redirect)
@@ -657,7 +641,7 @@ class FakeIssuer:
         handler.send_header("Content-Length", "0")
         handler.end_headers()
 
-    def post(self, handler):
+    def on_post(self, handler):
         from urllib.parse import parse_qs
         raw = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
         kind = handler.headers.get("Content-Type", "")
@@ -670,7 +654,7 @@ class FakeIssuer:
             return self.refresh(handler, body)
         if path == "/api/accounts/deviceauth/usercode":
             if not self.device_enabled:
-                return self.reply(handler, 404, {"detail": "Not Found"})
+                return self.send_json(handler, 404, {"detail": "Not Found"})
             device = "dev_" + secrets.token_hex(6)
             verifier = cp.b64url(os.urandom(64))
             challenge = cp.b64url(__import__("hashlib").sha256(verifier.encode()).digest())
@@ -678,20 +662,20 @@ class FakeIssuer:
             with self.lock:
                 self.devices[device] = {"polls": 0, "code": code, "verifier": verifier, "challenge": challenge}
                 self.codes[code] = (challenge, self.url + "/deviceauth/callback")
-            return self.reply(handler, 200, {"device_auth_id": device, "user_code": "ABCD-1234", "interval": "0.1"})
+            return self.send_json(handler, 200, {"device_auth_id": device, "user_code": "ABCD-1234", "interval": "0.1"})
         if path == "/api/accounts/deviceauth/token":
             device = self.devices.get(body.get("device_auth_id"))
             if device is None or body.get("user_code") != "ABCD-1234":
-                return self.reply(handler, 400, {"error": "bad_device"})
+                return self.send_json(handler, 400, {"error": "bad_device"})
             device["polls"] += 1
             if device["polls"] <= self.device_polls_pending:
-                return self.reply(handler, 403, {"error": {"code": "deviceauth_authorization_pending"}})
-            return self.reply(handler, 200, {"authorization_code": device["code"],
+                return self.send_json(handler, 403, {"error": {"code": "deviceauth_authorization_pending"}})
+            return self.send_json(handler, 200, {"authorization_code": device["code"],
                                              "code_challenge": device["challenge"], "code_verifier": device["verifier"]})
         if path == "/oauth/revoke":
             self.revoked.append(body.get("token"))
-            return self.reply(handler, 200, {})
-        self.reply(handler, 404, {"detail": "Not Found"})
+            return self.send_json(handler, 200, {})
+        self.send_json(handler, 404, {"detail": "Not Found"})
 
     def exchange(self, handler, body):
         import hashlib
@@ -700,22 +684,22 @@ class FakeIssuer:
         verifier = body.get("code_verifier", "")
         if expected is None or body.get("client_id") != cp.CLIENT_ID or body.get("redirect_uri") != expected[1] \
                 or cp.b64url(hashlib.sha256(verifier.encode()).digest()) != expected[0]:
-            return self.reply(handler, 400, {"error": "invalid_grant"})
+            return self.send_json(handler, 400, {"error": "invalid_grant"})
         self.exchanges += 1
-        self.reply(handler, 200, dict(self.mint(), expires_in=3600, token_type="Bearer"))
+        self.send_json(handler, 200, dict(self.mint(), expires_in=3600, token_type="Bearer"))
 
     def refresh(self, handler, body):
         with self.lock:
             self.refresh_calls += 1
             token = body.get("refresh_token")
             if body.get("client_id") != cp.CLIENT_ID or token not in self.live_refresh:
-                return self.reply(handler, 401, json.loads(
+                return self.send_json(handler, 401, json.loads(
                     fixture("responses", "auth_openai_refresh_token_reused_401.json").read_text()))
             self.live_refresh.discard(token)
         time.sleep(0.05)   # a real round trip: gives concurrent callers the chance to pile up
         tokens = self.mint()
         del tokens["id_token"]
-        self.reply(handler, 200, tokens)
+        self.send_json(handler, 200, tokens)
 
 
 # ---------------------------------------------------------------------------
