@@ -305,9 +305,10 @@ class TokenStore:
 
     @property
     def path(self):
-        """The token file in use: the proxy's own, else Codex's when it holds a ChatGPT login."""
+        """The token file in use: the proxy's own, else Codex's (``load`` then checks that it
+        holds a ChatGPT login). Two stats, no parsing: this runs on every request."""
         own = self.config.tokens_path
-        if own.exists() or read_auth_file(self.config.codex_auth_path) is None:
+        if own.exists() or not self.config.codex_auth_path.exists():
             return own
         return self.config.codex_auth_path
 

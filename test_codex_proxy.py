@@ -1971,6 +1971,15 @@ class TestLogin(LoginCase):
         for secret in tokens.values():
             self.assertNotIn(secret, out + text)
 
+    def test_codex_api_key_login_is_not_taken_for_a_chatgpt_login(self):
+        cp.write_private_file(self.codex_home / "auth.json", json.dumps({"auth_mode": "apikey", "OPENAI_API_KEY": "sk-x"}))
+        code, out, _ = CliRun(self, ["status", "--json"]).result()
+        self.assertEqual((code, json.loads(out)["logged_in"]), (1, False))
+        cp.write_private_file(self.codex_home / "auth.json", json.dumps(
+            {"auth_mode": "chatgpt", "tokens": dict(self.issuer.mint(), account_id=ACCOUNT_ID)}))
+        code, out, _ = CliRun(self, ["status", "--json"]).result()
+        self.assertEqual((code, json.loads(out)["shared_with_codex"]), (0, True))
+
     def test_logout_removes_own_tokens_and_leaves_codex_login(self):
         own, theirs = self.issuer.mint(), self.issuer.mint()
         cp.write_private_file(self.home / "tokens.json", json.dumps({"tokens": own}))
