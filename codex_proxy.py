@@ -8,42 +8,40 @@ translates the streamed reply back, event by event.
 
 Quick start::
 
-    python codex_proxy.py start        # prints the lines to paste into your shell
-    claude                             # in that shell
+    python codex_proxy.py login        # once (or share the Codex CLI's login)
+    python codex_proxy.py claude       # a proxy and Claude Code together
 
-Requests
+Commands
+    start [--host H] [--port P] [--verbose] [--log-file PATH]   run the proxy
+    claude [CLAUDE ARGS...]     run Claude Code through a proxy (one running, or one started here)
+    env [--shell bash|fish|powershell]   the lines that point Claude Code at the proxy
+    login [--device] [--no-browser]      sign in with ChatGPT (browser PKCE, device code, paste-back)
+    status [--json] [--live]    the login, token expiry, usage windows
+    logout [--codex]            remove the saved login
+    models [--json]             the account's models: context window, efforts
+    doctor                      check everything, with one tiny real request per feature
+
+Requests served
     POST /v1/messages[?beta=true]          streaming and non-streaming
-    POST /v1/messages/count_tokens         local estimate
-    GET  /v1/models, /v1/models/{id}       models this proxy answers for
+    POST /v1/messages/count_tokens         local estimate, calibrated per conversation
+    GET  /v1/models, /v1/models/{id}       the account's models and the claude-* aliases
     GET  /health                           {"ok", "version", "logged_in"}
     HEAD any path                          200, empty (Claude Code preconnects)
 
 Every /v1 request must carry the proxy key as ``x-api-key`` or
-``Authorization: Bearer``. The key is CODEX_PROXY_API_KEY when set, otherwise a
-random key made once and kept in CODEX_PROXY_HOME/api-key (mode 0600).
+``Authorization: Bearer``: CODEX_PROXY_API_KEY when set, otherwise a random key
+made once and kept in CODEX_PROXY_HOME/api-key (mode 0600). Requests with a
+foreign Host, any Origin not allowed, or a non-JSON body are refused (403).
 
-Configuration (flag > environment > default)
-    --host / CODEX_PROXY_HOST              127.0.0.1
-    --port / CODEX_PROXY_PORT              8082
-    --verbose                              one log line per request
-    CODEX_PROXY_HOME                       ~/.codex-proxy (tokens.json, api-key)
-    CODEX_PROXY_UPSTREAM                   https://chatgpt.com/backend-api/codex
-    CODEX_PROXY_API_KEY                    the proxy key (else generated)
-    CODEX_PROXY_OPUS_MODEL                 gpt-5.5       (any model name with "opus")
-    CODEX_PROXY_SONNET_MODEL               gpt-5.5       (any model name with "sonnet")
-    CODEX_PROXY_HAIKU_MODEL                gpt-5.4-mini  (any model name with "haiku")
+Configuration: flags win over the environment, which wins over defaults; the
+variables are listed by ``python codex_proxy.py --help`` and in README.md.
+Claude model names with opus/sonnet/haiku map to CODEX_PROXY_OPUS_MODEL etc.
+(gpt-5.5, gpt-5.5, gpt-5.4-mini); ``MODEL:EFFORT`` sets the reasoning effort.
 
-Other model names pass through unchanged; ``MODEL:EFFORT`` (``gpt-5.5:high``)
-also sets the reasoning effort (low, medium, high, xhigh).
-
-Translation in brief
-    system, role "system" messages  -> developer messages (instructions stay "")
-    text / image / PDF / text document -> input_text / input_image / input_file / text
-    tool_use / tool_result          -> function_call / function_call_output
-    thinking (signed by this proxy) -> reasoning item with its encrypted_content
-    output_config.effort, thinking  -> reasoning.effort (+ summary when shown)
-    reasoning / output_text / function_call -> thinking / text / tool_use blocks
-    response usage                  -> input (uncached), cache_read, output tokens
+Sections, in data-flow order: configuration, token store, OAuth, request
+translation (Anthropic -> Responses), stream translation (one reducer:
+Responses events -> Anthropic events; non-streaming replies fold the same
+events), upstream client, HTTP server, command line.
 """
 
 import argparse
