@@ -331,8 +331,7 @@ class TokenStore:
         """(access_token, account_id) for the backend, refreshed when due."""
         doc = self.load()
         if doc is None:
-            raise ProxyError(401, "authentication_error",
-                             "Not logged in to ChatGPT. Run `python codex_proxy.py login`.")
+            raise not_logged_in()
         tokens = doc["tokens"]
         access = tokens["access_token"]
         expiry = token_expiry(access)
@@ -352,8 +351,7 @@ class TokenStore:
             with FileLock(path):
                 doc = read_auth_file(path)
                 if doc is None:
-                    raise ProxyError(401, "authentication_error",
-                                     "Not logged in to ChatGPT. Run `python codex_proxy.py login`.")
+                    raise not_logged_in()
                 tokens = doc["tokens"]
                 expiry = token_expiry(tokens["access_token"])
                 if tokens["access_token"] != stale_access and (expiry is None or expiry - time.time() > 60):
@@ -374,6 +372,10 @@ class TokenStore:
                 mode = stat_mode(path)
                 write_private_file(path, json.dumps(doc, indent=2) + "\n", mode)
                 return tokens
+
+
+def not_logged_in():
+    return ProxyError(401, "authentication_error", "Not logged in to ChatGPT. Run `python codex_proxy.py login`.")
 
 
 def stat_mode(path):
@@ -2691,17 +2693,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if upstream is not None:
                 upstream.abort()
                 upstream.close()
-            if self.note is not None:
-                self.note["error"] = "%s: %s" % (error.error_type, error.message)
             if error.retryable and not self.sse_started and attempt < config.retries:
                 attempt += 1
                 time.sleep(config.retry_delay * (2 ** (attempt - 1)) * random.uniform(0.9, 1.1))
                 continue
-            if self.sse_started:
-                self._write_event(error.event())
-                self._end_sse(close=True)
-            else:
-                self._reply_error(error)
+            self._reply_error(error)
             return
 
     def keep(self, stream, now):
@@ -2787,7 +2783,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _reply_error(self, error):
-        if self.note is not None and "error" not in self.note:
+        """The one place an error reaches the client: a status if none was sent, else an event."""
+        if self.note is not None:
             self.note["error"] = "%s: %s" % (error.error_type, error.message)
         if self.sse_started:   # too late for a status: say it in the stream
             self._write_event(error.event())

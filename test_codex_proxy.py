@@ -3230,14 +3230,15 @@ class TestRequestLog(CliCase):
     def test_verbose_line_and_json_log_per_request(self):
         log = self.root / "requests.jsonl"
         self.fake.reply(self.fake.turn().text("logged").completed(input_tokens=900, cached=600, output_tokens=12),
-                        Reply(status=429, body={"error": {"type": "usage_limit_reached", "resets_in_seconds": 90}}))
+                        Reply(status=429, body={"error": {"type": "usage_limit_reached", "resets_in_seconds": 90}}),
+                        Reply(status=502, body=b"bad gateway"), self.fake.turn().text("retried").completed())
         process = subprocess.Popen([sys.executable, str(HERE / "codex_proxy.py"), "start", "--verbose",
                                     "--log-file", str(log)], env=self.env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
         self.addCleanup(stop_process, process)
         port = int(re.search(r":(\d+)\s*$", process.stdout.readline()).group(1))
         key = (self.home / "api-key").read_text().strip()
-        for body in (dict(BASIC, stream=True), BASIC):
+        for body in (dict(BASIC, stream=True), BASIC, BASIC):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             conn.request("POST", "/v1/messages?beta=true", json.dumps(body), {"x-api-key": key, "Content-Type": "application/json"})
             conn.getresponse().read()
@@ -3245,14 +3246,15 @@ class TestRequestLog(CliCase):
         process.send_signal(__import__("signal").SIGINT)
         _, err = process.communicate(timeout=15)
         lines = [l for l in err.splitlines() if "/v1/messages" in l]
-        self.assertEqual(len(lines), 2, err)
+        self.assertEqual(len(lines), 3, err)
         self.assertRegex(lines[0], r"^\d\d:\d\d:\d\d POST /v1/messages 200 claude-opus-4-8 -> gpt-5\.5 \(medium\) stream "
                                    r"in=900 cached=600 out=12 first=\d+ms total=\d+ms end_turn$")
         self.assertRegex(lines[1], r"POST /v1/messages 429 claude-opus-4-8 -> gpt-5\.5 \(medium\) json total=\d+ms "
                                    r"error=rate_limit_error: The ChatGPT usage limit")
+        self.assertRegex(lines[2], r"POST /v1/messages 200 .* end_turn$", "a retried success logs no error")
         records = [json.loads(l) for l in log.read_text().splitlines()]
-        self.assertEqual([(r["status"], r.get("stop_reason"), r.get("input_tokens")) for r in records],
-                         [(200, "end_turn", 900), (429, None, None)])
+        self.assertEqual([(r["status"], r.get("stop_reason"), r.get("input_tokens"), r.get("error")) for r in records],
+                         [(200, "end_turn", 900, None), (429, None, None, records[1]["error"]), (200, "end_turn", 120, None)])
         self.assertNotIn(key, err + log.read_text())
 
 
