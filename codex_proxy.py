@@ -50,6 +50,7 @@ import collections
 import hashlib
 import hmac
 import http.client
+import io
 import json
 import math
 import os
@@ -111,7 +112,9 @@ class Config:
         self.log_file = None             # path for JSON lines, one per request
         # Timing knobs; tests shrink them.
         self.keepalive_timeout = 300.0   # an idle client connection between requests
-        self.client_timeout = 30.0       # reading one request's headers, and its whole body
+        self.first_request_timeout = 10.0   # a new connection that has not sent anything yet
+        self.client_timeout = 30.0       # reading one request's head (in total), and its whole body
+        self.max_connections = env_int("CODEX_PROXY_MAX_CONNECTIONS", 256)   # served at once, one thread each
         self.first_byte_timeout = 120.0  # the backend's answer to a request we sent
         self.drain_timeout = 5.0         # on shutdown: how long running replies may go on
         self.connect_timeout = 15.0
@@ -2311,14 +2314,22 @@ MODEL_ALIASES = (("claude-opus-5-5", "opus"), ("claude-sonnet-5-5", "sonnet"), (
 
 
 class ProxyServer(ThreadingHTTPServer):
-    """The proxy: one thread per client connection."""
+    """The proxy: one thread per client connection that has sent something.
+
+    New connections wait in the Lobby (no thread) until their first bytes arrive;
+    at most ``config.max_connections`` are served at once, and past that a
+    connection gets a quick 529 instead of a thread.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 128   # the default 5 drops connections when many clients start at once
+    request_queue_size = 1024   # holds a burst of a few hundred clients (the kernel may cap it lower)
 
     def __init__(self, config, handler=None):
         self.config = config
+        self.lobby = Lobby(self)
+        self.connections = 0                # connections served by a thread now
+        self.connections_lock = threading.Lock()
         self.tokens = TokenStore(config)
         self.codex = CodexClient(config, self.tokens)
         self.catalog = ModelCatalog(config, self.codex)
@@ -2357,8 +2368,42 @@ class ProxyServer(ThreadingHTTPServer):
                 self.log_file.write(json.dumps(record) + "\n")
                 self.log_file.flush()
 
+    def process_request(self, request, client_address):
+        """Called by the accept loop: a connection with bytes waiting gets its thread
+        at once; a silent one waits in the lobby, costing no thread."""
+        if readable_now(request):
+            self.serve_connection(request, client_address)
+        else:
+            self.lobby.admit(request, client_address)
+
+    def serve_connection(self, request, client_address):
+        """A thread for the connection, or a 529 when max_connections are served already."""
+        with self.connections_lock:
+            admitted = self.connections < self.config.max_connections
+            if admitted:
+                self.connections += 1
+        if admitted:
+            try:
+                ThreadingHTTPServer.process_request(self, request, client_address)
+            except Exception:
+                self.connection_done()
+                raise
+        else:
+            self.lobby.refuse(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            ThreadingHTTPServer.process_request_thread(self, request, client_address)
+        finally:
+            self.connection_done()
+
+    def connection_done(self):
+        with self.connections_lock:
+            self.connections -= 1
+
     def server_close(self):
         ThreadingHTTPServer.server_close(self)
+        self.lobby.close()
         if self.log_file:
             self.log_file.close()
             self.log_file = None
@@ -2397,21 +2442,26 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def setup(self):
         BaseHTTPRequestHandler.setup(self)
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
         self.write_lock = threading.Lock()
 
     def handle_one_request(self):
-        # A client may keep its connection idle for long between turns, but once
-        # a request starts, its headers must arrive promptly (slow clients hold a thread).
+        # A client may keep its connection idle for long between turns, but once a
+        # request starts, its whole head must arrive within client_timeout: a client
+        # trickling one byte at a time would otherwise hold a thread forever.
         config = self.server.config
         try:
             self.connection.settimeout(config.keepalive_timeout)
             if not self.rfile.peek(1):
                 self.close_connection = True
                 return
-            self.connection.settimeout(config.client_timeout)
+            self.reader.deadline = time.monotonic() + config.client_timeout
             BaseHTTPRequestHandler.handle_one_request(self)
         except OSError:   # the client went away or stalled: nothing to answer
             self.close_connection = True
+        finally:
+            self.reader.deadline = None
 
     # -- dispatch ---------------------------------------------------------
 
@@ -2432,7 +2482,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._dispatch("POST")
 
+    def _head_read(self):
+        self.reader.deadline = None   # the head is in; the body has its own deadline
+        self.connection.settimeout(self.server.config.client_timeout)
+
     def _begin(self):
+        self._head_read()
         self.request_id = "req_" + secrets.token_hex(12)
         self.sse_started = False
         self.sse_ended = False
@@ -2736,7 +2791,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _client_gone(self):
         """True once the client closed its end (readable, with nothing to read)."""
         try:
-            return bool(select_readable(self.connection)) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            return readable_now(self.connection) and self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):   # ValueError: the socket is already closed
             return True
 
@@ -2794,6 +2849,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """Malformed requests caught by http.server also get Anthropic's error shape."""
+        self._head_read()
         self.request_id = self.request_id or "req_" + secrets.token_hex(12)
         self.sse_started = False
         self.close_connection = True
@@ -2833,8 +2889,172 @@ def json_bytes(doc):
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
 
 
-def select_readable(sock):
-    return select.select([sock], [], [], 0)[0]
+def readable_now(sock):
+    """True when ``sock`` has bytes (or EOF) to read right now. poll, where there is
+    one, since select() cannot look at descriptors numbered 1024 or more."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+class DeadlineReader(socket.SocketIO):
+    """The raw reader under a handler's rfile: while ``deadline`` is set, every
+    read waits only for the time left, so the whole request head has one deadline."""
+
+    deadline = None
+
+    def __init__(self, sock):
+        socket.SocketIO.__init__(self, sock, "rb")
+        sock._io_refs += 1   # as socket.makefile() does: the socket closes after its files
+
+    def readinto(self, buffer):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the request head did not arrive in time")
+            self._sock.settimeout(left)
+        return socket.SocketIO.readinto(self, buffer)
+
+
+class Lobby:
+    """One thread holding the connections that have not sent anything yet, and
+    those refused for being over the cap while they get their 529.
+
+    A connection that never speaks is closed after first_request_timeout without
+    ever costing a thread. Refused ones are answered at once, then read until the
+    client closes (at most a few seconds), so that the answer is not lost to a reset.
+    """
+
+    LINGER = 2.0   # how long a refused connection is drained after its 529
+    LIMIT = 4096   # connections held here at most; past that, closed at once
+
+    def __init__(self, server):
+        self.server = server
+        self.lock = threading.Lock()
+        self.waiting = {}     # socket -> (client address, deadline)
+        self.refused = {}     # socket -> deadline
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.selector = None
+        self.thread = None
+        self.closed = False
+
+    def admit(self, sock, address):
+        self._hold(self.waiting, sock, (address, time.monotonic() + self.server.config.first_request_timeout))
+
+    def refuse(self, sock):
+        """Answer 529 now, then keep the connection until the client has read it."""
+        error = ProxyError(529, "overloaded_error", "The proxy is serving %d connections, its limit "
+                           "(CODEX_PROXY_MAX_CONNECTIONS); try again shortly." % self.server.config.max_connections)
+        data = json_bytes(error.body("req_" + secrets.token_hex(12)))
+        head = ("HTTP/1.1 529 Overloaded\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                "x-should-retry: true\r\nConnection: close\r\n\r\n" % len(data)).encode("ascii")
+        try:
+            sock.setblocking(False)
+            sock.send(head + data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return self._close(sock)
+        self._hold(self.refused, sock, time.monotonic() + self.LINGER)
+
+    def _hold(self, table, sock, value):
+        with self.lock:
+            if self.closed or len(self.waiting) + len(self.refused) >= self.LIMIT:
+                return self._close(sock)
+            table[sock] = value
+            if self.thread is None:
+                import selectors
+                self.selector = selectors.DefaultSelector()
+                self.selector.register(self.wake_r, 1)
+                self.thread = threading.Thread(target=self.run, name="codex-proxy-lobby", daemon=True)
+                self.thread.start()
+            self.selector.register(sock, 1)
+        try:
+            self.wake_w.send(b"x")
+        except OSError:   # the wake-up pipe is full: the lobby is awake anyway
+            pass
+
+    def run(self):
+        while not self.closed:
+            try:
+                ready = self.selector.select(timeout=0.5)
+            except (OSError, ValueError):
+                if self.closed:
+                    return
+                raise
+            now = time.monotonic()
+            for key, _ in ready:
+                if key.fileobj is self.wake_r:
+                    try:
+                        self.wake_r.recv(4096)
+                    except OSError:
+                        pass
+                else:
+                    self._ready(key.fileobj)
+            self._expire(now)
+
+    def _ready(self, sock):
+        with self.lock:
+            waiting = self.waiting.pop(sock, None)
+            if waiting is None and sock not in self.refused:
+                return
+            if waiting is not None:
+                self.selector.unregister(sock)
+        if waiting is not None:
+            try:
+                return self.server.serve_connection(sock, waiting[0])
+            except Exception as exc:   # no thread to be had: that connection ends, the lobby goes on
+                sys.stderr.write("codex-proxy: cannot serve a connection: %s\n" % describe(exc))
+                return self._close(sock)
+        try:
+            if sock.recv(65536):
+                return   # still sending its request: keep reading until it closes
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._drop(sock)
+
+    def _expire(self, now):
+        with self.lock:
+            late = [s for s, (_, deadline) in self.waiting.items() if deadline <= now]
+            late += [s for s, deadline in self.refused.items() if deadline <= now]
+        for sock in late:
+            self._drop(sock)
+
+    def _drop(self, sock):
+        with self.lock:
+            if self.waiting.pop(sock, None) is None and self.refused.pop(sock, None) is None:
+                return
+            self.selector.unregister(sock)
+        self._close(sock)
+
+    def _close(self, sock):
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+            held = list(self.waiting) + list(self.refused)
+            self.waiting.clear()
+            self.refused.clear()
+        for sock in held:
+            self._close(sock)
+        try:
+            self.wake_w.send(b"x")
+        except OSError:
+            pass
+        if self.thread is not None:
+            self.thread.join(2)
+        for sock in (self.wake_r, self.wake_w):
+            sock.close()
+        if self.selector is not None:
+            self.selector.close()
 
 
 def model_entry(model_id, display_name, window=None):
@@ -3342,6 +3562,7 @@ ENVIRONMENT_HELP = """environment (flags win over these, these over defaults):
   CODEX_PROXY_ALLOWED_HOSTS, CODEX_PROXY_ALLOWED_ORIGINS
                                          extra Host names and browser Origins to accept (none)
   CODEX_PROXY_MAX_BODY_MB                largest request body (32)
+  CODEX_PROXY_MAX_CONNECTIONS            client connections served at once (256)
 """
 
 

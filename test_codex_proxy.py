@@ -53,13 +53,29 @@ FORBIDDEN_FIELDS = ("max_output_tokens", "max_tokens", "temperature", "top_p", "
                     "metadata", "user", "previous_response_id", "prompt_cache_retention",
                     "safety_identifier", "truncation", "response_format", "messages", "stream_options")
 def load_catalog():
-    """The recorded Codex catalog (what GET /models answers), or a small stand-in without fixtures."""
+    """The recorded Codex catalog (what GET /models answers), or the same models written here without fixtures."""
     path = FIXTURES / "responses" / "codex_bundled_models_2026-08-07_trimmed.json"
     if path.exists():
         return [m for m in json.loads(path.read_text())["models"] if m["slug"] != "gpt-5.2"]   # retired
-    return [{"slug": slug, "context_window": 272000, "use_responses_lite": False,
-             "supported_reasoning_levels": [{"effort": e} for e in ("low", "medium", "high", "xhigh")]}
-            for slug in ("gpt-5.5", "gpt-5.4", "gpt-5.4-mini")]
+    return [dict(CATALOG_ENTRY, slug=slug, display_name=name, use_responses_lite=lite, default_reasoning_level=default,
+                 supported_reasoning_levels=[{"effort": e} for e in efforts])
+            for slug, name, lite, efforts, default in CATALOG_MODELS]
+
+
+# The recorded catalog's models (codex_bundled_models_2026-08-07), for a clone without ../shared.
+FOUR = ("low", "medium", "high", "xhigh")
+CATALOG_MODELS = (("gpt-5.6-sol", "GPT-5.6-Sol", True, FOUR + ("max", "ultra"), "low"),
+                  ("gpt-5.6-terra", "GPT-5.6-Terra", True, FOUR + ("max", "ultra"), "medium"),
+                  ("gpt-5.6-luna", "GPT-5.6-Luna", True, FOUR + ("max",), "medium"),
+                  ("gpt-5.5", "GPT-5.5", False, FOUR, "medium"), ("gpt-5.4", "GPT-5.4", False, FOUR, "medium"),
+                  ("gpt-5.4-mini", "GPT-5.4-Mini", False, FOUR, "medium"),
+                  ("codex-auto-review", "Codex Auto Review", False, FOUR, "medium"))
+CATALOG_ENTRY = {"context_window": 272000, "supports_parallel_tool_calls": True, "visibility": "list",
+                 "input_modalities": ["text", "image"], "supports_reasoning_summaries": True}
+# What auth.openai.com answers for a refresh token that was already used (recorded 401 body).
+REFRESH_REUSED_BODY = {"error": {"message": "Your refresh token has already been used to generate a new access "
+                                            "token. Please try signing in again.",
+                                 "type": "invalid_request_error", "param": None, "code": "refresh_token_reused"}}
 
 
 FAKE_CATALOG = load_catalog()
@@ -693,8 +709,7 @@ class FakeIssuer(FakeServer):
             self.refresh_calls += 1
             token = body.get("refresh_token")
             if body.get("client_id") != cp.CLIENT_ID or token not in self.live_refresh:
-                return self.send_json(handler, 401, json.loads(
-                    fixture("responses", "auth_openai_refresh_token_reused_401.json").read_text()))
+                return self.send_json(handler, 401, REFRESH_REUSED_BODY)
             self.live_refresh.discard(token)
         time.sleep(0.05)   # a real round trip: gives concurrent callers the chance to pile up
         tokens = self.mint()
@@ -2653,6 +2668,154 @@ class TestConcurrency(ProxyCase):
         self.assertEqual(self.proxy.crashes, 0)
         report("concurrency: 1000 streams by 64 clients in %.1f s (%.0f streams/s), 0 failed, %d upstream connections"
                % (elapsed, 1000 / elapsed, self.fake.connections))
+
+
+class TestFreshCloneData(unittest.TestCase):
+    """A clone without ../shared runs the core tests on data written here; it must
+    say what the recorded fixtures say."""
+
+    def test_inline_catalog_matches_the_recorded_catalog(self):
+        recorded = json.loads(fixture("responses", "codex_bundled_models_2026-08-07_trimmed.json").read_text())
+        recorded = {m["slug"]: m for m in recorded["models"] if m["slug"] != "gpt-5.2"}
+        self.assertEqual([m[0] for m in CATALOG_MODELS], list(recorded))
+        for slug, name, lite, efforts, default in CATALOG_MODELS:
+            model = recorded[slug]
+            self.assertEqual((name, lite, efforts, default, model["context_window"]),
+                             (model["display_name"], model["use_responses_lite"],
+                              tuple(level["effort"] for level in model["supported_reasoning_levels"]),
+                              model["default_reasoning_level"], CATALOG_ENTRY["context_window"]), slug)
+
+    def test_inline_refresh_error_is_the_recorded_body(self):
+        recorded = json.loads(fixture("responses", "auth_openai_refresh_token_reused_401.json").read_text())
+        self.assertEqual(REFRESH_REUSED_BODY, recorded)
+
+
+class TestConnectionLimits(ProxyCase):
+    """No client can hold the proxy hostage: one deadline per request head, a short
+    wait for a silent new connection, a cap on connections served at once."""
+
+    settings = {"client_timeout": 1.0, "first_request_timeout": 1.5, "keepalive_timeout": 30.0,
+                "max_connections": 64}
+
+    def connect(self):
+        sock = socket.create_connection(("127.0.0.1", self.proxy.server_address[1]), timeout=10)
+        self.addCleanup(sock.close)
+        return sock
+
+    def wait_for(self, condition, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            self.assertLess(time.monotonic(), deadline, "condition not reached in %g s" % timeout)
+            time.sleep(0.01)
+
+    def timed_models_request(self):
+        started = time.monotonic()
+        answer = self.request("GET", "/v1/models")
+        return answer, time.monotonic() - started
+
+    def test_trickled_request_heads_are_cut_at_one_deadline(self):
+        port = self.proxy.server_address[1]
+        head = (b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nx-api-key: %s\r\nX-Padding: %s\r\n"
+                % (port, PROXY_KEY.encode(), b"p" * 400))
+        socks = [self.connect() for _ in range(50)]
+        for sock in socks:
+            sock.setblocking(False)
+        started, closed_after, sent = time.monotonic(), {}, 0
+        while len(closed_after) < len(socks) and time.monotonic() - started < 10:
+            for sock in socks:   # one header byte per connection every 0.2 s: each byte is prompt
+                if sock in closed_after:
+                    continue
+                try:
+                    if select_ready(sock) and not sock.recv(65536):
+                        raise ConnectionResetError()
+                    sock.send(head[sent % len(head):][:1])
+                except OSError:
+                    closed_after[sock] = time.monotonic() - started
+            sent += 1
+            time.sleep(0.2)
+        self.assertEqual(len(closed_after), 50, "connections still open after 10 s")
+        latest = max(closed_after.values())
+        self.assertLess(latest, self.config.client_timeout + 2)
+        self.assertEqual(self.proxy.crashes, 0)
+        report("trickled heads: 50 connections sending a header byte every 0.2 s, all closed by %.2f s "
+               "(head deadline %g s)" % (latest, self.config.client_timeout))
+
+    def test_silent_connections_cost_no_thread_and_are_closed(self):
+        threads_before = threading.active_count()
+        silent = [self.connect() for _ in range(500)]
+        self.wait_for(lambda: len(self.proxy.lobby.waiting) >= 500)
+        answer, elapsed = self.timed_models_request()
+        self.assertEqual(answer.status, 200)
+        self.assertLess(elapsed, 0.1)
+        added = threading.active_count() - threads_before
+        self.assertLess(added, self.config.max_connections)
+        self.assertLessEqual(self.proxy.connections, 1)
+        started = time.monotonic()
+        for sock in silent:   # the proxy closes each one after first_request_timeout
+            sock.settimeout(10)
+            self.assertEqual(sock.recv(1), b"")
+        closed = time.monotonic() - started
+        self.assertLess(closed, self.config.first_request_timeout + 2)
+        self.wait_for(lambda: not self.proxy.lobby.waiting)
+        report("silent connections: 500 held with %d extra threads (cap %d); a request meanwhile took %.1f ms; "
+               "all closed within %.1f s" % (added, self.config.max_connections, elapsed * 1000, closed))
+
+    def test_over_the_cap_a_new_connection_gets_529_and_the_others_go_on(self):
+        self.fake.default = self.fake.turn().text("served").completed()
+        held = []
+        for _ in range(self.config.max_connections):   # keep-alive connections, each served once
+            conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=10)
+            self.addCleanup(conn.close)
+            conn.request("GET", "/v1/models", headers={"x-api-key": PROXY_KEY})
+            self.assertEqual(conn.getresponse().read()[:1], b"{")
+            held.append(conn)
+        self.wait_for(lambda: self.proxy.connections == self.config.max_connections)
+        started = time.monotonic()
+        answer = self.post(BASIC)
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertEqual(answer.status, 529)
+        self.assertEqual(answer.json()["error"]["type"], "overloaded_error")
+        self.assertIn("CODEX_PROXY_MAX_CONNECTIONS", answer.json()["error"]["message"])
+        self.assertEqual(answer.headers["x-should-retry"], "true")
+        held[0].request("GET", "/v1/models", headers={"x-api-key": PROXY_KEY})   # the admitted ones are served
+        self.assertEqual(held[0].getresponse().status, 200)
+        held.pop().close()
+        self.wait_for(lambda: self.proxy.connections < self.config.max_connections)
+        answer = self.post(BASIC)
+        self.assertEqual(answer.status, 200, answer.body)
+        self.assertEqual(len(self.fake.requests), 1, "the refused request never reached the upstream")
+
+    def test_a_burst_of_300_clients_is_answered_within_2_seconds(self):
+        self.fake.default = self.fake.turn().text("burst reply").completed()
+        body = json.dumps(BASIC).encode()
+        port = self.proxy.server_address[1]
+        gate, lock, answers = threading.Barrier(300, timeout=30), threading.Lock(), []
+
+        def client():
+            gate.wait()
+            started = time.monotonic()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.request("POST", "/v1/messages", body, {"x-api-key": PROXY_KEY, "Content-Type": "application/json"})
+                status = conn.getresponse().status
+                conn.close()
+            except OSError as exc:
+                status = repr(exc)
+            with lock:
+                answers.append((status, time.monotonic() - started))
+
+        threads = [threading.Thread(target=client) for _ in range(300)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        statuses = collections.Counter(status for status, _ in answers)
+        slowest = max(elapsed for _, elapsed in answers)
+        self.assertEqual(len(answers), 300)
+        self.assertEqual(set(statuses) - {200, 529}, set(), statuses)
+        self.assertLess(slowest, 2.0)
+        self.assertEqual(self.proxy.crashes, 0)
+        report("burst: 300 clients at once, answers %s, slowest %.2f s" % (dict(statuses), slowest))
 
 
 class TestUpstreamFaults(ProxyCase):
