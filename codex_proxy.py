@@ -190,6 +190,8 @@ class ProxyError(Exception):
     reply (``body``), or as an ``error`` event inside a started stream (``event``).
     """
 
+    downgrade = None   # for a refused request part: (rule, learn it), see refused_part()
+
     def __init__(self, status, error_type, message, headers=None, retryable=False):
         Exception.__init__(self, message)
         self.status = status
@@ -698,6 +700,8 @@ class RequestContext:
         self.context_window = context_window
         self.lite = lite                         # sent in the Responses Lite shape
         self.models = models                     # the models this account can use, as far as known
+        inputs = (codex_body or {}).get("input") or [{}]
+        self.continues_turn = inputs[-1].get("type") == "function_call_output"   # a tool loop goes on
 
     def input_estimate(self):
         if self.codex_body is None and self.payload:
@@ -707,17 +711,21 @@ class RequestContext:
     def serialize(self):
         """The body as bytes for the wire. The dict is dropped: while a reply streams,
         only the bytes are needed (for a retry), and they are a fraction of its size."""
-        self.payload = json_bytes(self.codex_body)
+        return self.serialize_body(self.codex_body)
+
+    def serialize_body(self, codex_body):
+        self.payload = json_bytes(codex_body)
         self.codex_body = None
         return self.payload
 
 
-def translate_request(body, headers, config, catalog=None):
+def translate_request(body, headers, config, catalog=None, downgrades=None):
     """Anthropic /v1/messages body -> (Codex /responses body, RequestContext).
 
     Pure: no I/O. ``catalog`` maps model slugs to Codex catalog entries (the
-    built-in table stands in for models it lacks). Raises ProxyError(400)
-    naming the offending field.
+    built-in table stands in for models it lacks); ``downgrades`` is a
+    LearnedDowngrades whose rules for the model are applied. Raises
+    ProxyError(400) naming the offending field.
     """
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
@@ -741,9 +749,10 @@ def translate_request(body, headers, config, catalog=None):
     items = repair_tool_pairs(items)
 
     efforts, lite, window = model_profile(model, catalog)
+    entry = (catalog or {}).get(model) if isinstance((catalog or {}).get(model), dict) else {}
     effort, thinking, show = reasoning_settings(body, suffix_effort)
     reasoning = {"effort": clamp_effort(effort, efforts)}
-    if show:
+    if show and entry.get("supports_reasoning_summary_parameter") is not False:   # as Codex decides
         reasoning["summary"] = "auto"
     tool_choice, parallel = translate_tool_choice(body.get("tool_choice"), tools, names)
     cache_key = prompt_cache_key(body, headers)
@@ -760,11 +769,16 @@ def translate_request(body, headers, config, catalog=None):
         "include": ["reasoning.encrypted_content"],
         "prompt_cache_key": cache_key,
     }
-    text_format = output_format(body)
-    if text_format:
-        codex["text"] = {"format": text_format}
+    text = {}
+    if entry.get("support_verbosity") and entry.get("default_verbosity") in ("low", "medium", "high"):
+        text["verbosity"] = entry["default_verbosity"]   # what Codex sends for the model
+    if output_format(body):
+        text["format"] = output_format(body)
+    if text:
+        codex["text"] = text
+    rules = downgrades.for_model(model) if downgrades else ()
     hosted = any(t["type"] != "function" for t in tools)
-    lite = lite and config.responses_lite and not hosted   # Lite refuses hosted tools such as web search
+    lite = lite and config.responses_lite and not hosted and "lite" not in rules   # Lite refuses hosted tools
     if lite:
         make_lite(codex)
     stops = body.get("stop_sequences")
@@ -772,6 +786,8 @@ def translate_request(body, headers, config, catalog=None):
     reverse = {codex_name: name for name, codex_name in names.items()}
     context = RequestContext(requested, model, reverse, thinking, stops, cache_key, codex,
                              window or config.context_window, lite, sorted(catalog or BUILTIN_MODELS))
+    for rule in rules:
+        apply_downgrade(codex, context, rule)
     return codex, context
 
 
@@ -796,14 +812,15 @@ def clamp_effort(effort, efforts):
 
 
 LITE_HEADER = "x-openai-internal-codex-responses-lite"
+TURN_STATE_HEADER = "x-codex-turn-state"
 
 
 def make_lite(codex):
     """Reshape a classic body into "Responses Lite" (codex-backend.md 6.6), in place."""
     tools = codex.pop("tools")
     del codex["instructions"]
-    codex["input"] = [{"type": "additional_tools", "role": "developer", "tools": [
-        {"type": "namespace", "name": "functions", "description": "", "tools": tools}]}] + codex["input"]
+    spaces = [{"type": "namespace", "name": "functions", "description": "", "tools": tools}] if tools else []
+    codex["input"] = [{"type": "additional_tools", "role": "developer", "tools": spaces}] + codex["input"]   # as Codex: no empty namespace
     codex["parallel_tool_calls"] = False
     codex["reasoning"]["context"] = "all_turns"
     for item in codex["input"]:
@@ -1273,6 +1290,175 @@ def estimate_tokens(value):
     return chars // 4 + images * 1600
 
 
+# -- Learned downgrades -----------------------------------------------------
+# The backend changes without notice, and the other proxies' most common bug is
+# "400 Unsupported parameter" until their next release. When the backend refuses
+# a part of the request by name and the client has seen nothing yet, the turn is
+# sent again once with that part downgraded by a fixed rule, and the rule is kept
+# for that model for a day, so the next turns go out downgraded at once.
+
+DOWNGRADES = {   # rule -> what the user gets instead, for the log and `doctor`
+    "tool_choice": 'tool_choice is sent as "auto" (the model may answer without the forced tool)',
+    "input_file": "PDF documents are replaced by a note that they could not be sent",
+    "lite": "the classic request shape instead of Responses Lite",
+    "reasoning_summary": "no reasoning summaries (thinking blocks carry no text)",
+    "verbosity": "no text.verbosity (the backend's default length)",
+    "reasoning_replay": "earlier reasoning is not sent back",
+}
+REFUSED_PART_RE = re.compile(r"(?i)\b(?:unsupported|unknown|unrecognized|invalid|missing required)\s+"
+                             r"(?:parameter|value|type|argument)|\binvalid\s+'")
+QUOTED_RE = re.compile(r"['\"`]([^'\"`\s]{1,200})['\"`]|\b(?:parameter|argument):\s*([\w.\[\]]+)")
+ITEM_PATH_RE = re.compile(r"\binput\[(\d+)\](?:\.(content|output)\[(\d+)\])?")
+
+
+def refused_part(code, message, param, codex):
+    """-> (downgrade rule, learn it) for a 400 that names a part of ``codex`` we can
+    downgrade, else (None, False). A reasoning item the backend cannot verify (made
+    for another account) is left out once, not learned: it says nothing of the model."""
+    if "encrypted content" in message.lower() and has_items(codex, "reasoning"):
+        return "reasoning_replay", False
+    if not (REFUSED_PART_RE.search(message) or code in ("unsupported_parameter", "unknown_parameter",
+                                                        "invalid_value", "unsupported_value")):
+        return None, False
+    names = [param] if isinstance(param, str) and param else []
+    names += [a or b for a, b in QUOTED_RE.findall(message)]
+    for name in names:
+        rule = downgrade_rule(name.strip(".:"), codex)
+        if rule:
+            return rule, True
+    return None, False
+
+
+def downgrade_rule(name, codex):
+    """The rule that removes the request part ``name`` (a field path or a value) names, if it is there."""
+    reasoning, text = codex.get("reasoning") or {}, codex.get("text") or {}
+    lite = "tools" not in codex and "instructions" not in codex
+    match = ITEM_PATH_RE.match(name)
+    if match:
+        items = codex.get("input") or []
+        item = items[int(match.group(1))] if int(match.group(1)) < len(items) else {}
+        parts = item.get(match.group(2)) if match.group(2) else None
+        part = parts[int(match.group(3))] if isinstance(parts, list) and int(match.group(3)) < len(parts) else {}
+        if part.get("type") == "input_file":
+            return "input_file"
+        if item.get("type") == "reasoning":
+            return "reasoning_replay"
+        if lite and (item.get("type") == "additional_tools" or name.endswith(".namespace")):
+            return "lite"
+        return None
+    if name.startswith("tool_choice") and codex.get("tool_choice") != "auto":
+        return "tool_choice"
+    if name in ("reasoning.summary", "summary") and "summary" in reasoning:
+        return "reasoning_summary"
+    if name in ("text.verbosity", "verbosity") and "verbosity" in text:
+        return "verbosity"
+    if name in ("input_file", "file_data", "file_url", "filename") and has_parts(codex, "input_file"):
+        return "input_file"
+    if name in ("reasoning", "encrypted_content") and has_items(codex, "reasoning"):
+        return "reasoning_replay"
+    if lite and name in ("additional_tools", "namespace", "reasoning.context"):
+        return "lite"
+    return None
+
+
+def has_items(codex, kind):
+    return any(item.get("type") == kind for item in codex.get("input") or [])
+
+
+def has_parts(codex, kind):
+    return any(part.get("type") == kind for part in all_parts(codex))
+
+
+def all_parts(codex):
+    for item in codex.get("input") or []:
+        parts = item.get("content") if item.get("type") == "message" else item.get("output")
+        if isinstance(parts, list):
+            for part in parts:
+                yield part
+
+
+def apply_downgrade(codex, context, rule):
+    """Downgrade ``codex`` (in place) by one rule of DOWNGRADES."""
+    if rule == "tool_choice":
+        codex["tool_choice"] = "auto"
+    elif rule == "reasoning_summary":
+        codex["reasoning"].pop("summary", None)
+    elif rule == "verbosity":
+        codex.get("text", {}).pop("verbosity", None)
+        if not codex.get("text"):
+            codex.pop("text", None)
+    elif rule == "reasoning_replay":
+        codex["input"] = [item for item in codex["input"] if item.get("type") != "reasoning"]
+    elif rule == "input_file":
+        for item in codex["input"]:
+            key = "content" if item.get("type") == "message" else "output"
+            if isinstance(item.get(key), list):
+                item[key] = [unsent_file(part) if part.get("type") == "input_file" else part for part in item[key]]
+    elif rule == "lite" and context.lite:
+        make_classic(codex)
+        context.lite = False
+
+
+def unsent_file(part):
+    name = part.get("filename") or part.get("file_url") or "a PDF"
+    return input_text("[The document %s could not be sent: the Codex backend refused PDF files.]" % name)
+
+
+def make_classic(codex):
+    """Undo make_lite: the classic shape, for a backend that refuses Lite for a model."""
+    first = codex["input"].pop(0)
+    codex["tools"] = [tool for space in first.get("tools") or [] for tool in space.get("tools") or []]
+    codex["instructions"] = ""
+    codex["parallel_tool_calls"] = bool(codex["tools"])
+    codex["reasoning"].pop("context", None)
+    for item in codex["input"]:
+        item.pop("namespace", None)
+
+
+class LearnedDowngrades:
+    """Downgrade rules per model, learned from the backend's refusals and kept for a
+    day in CODEX_PROXY_HOME/downgrades.json, so every process and `doctor` see them."""
+
+    TTL = 24 * 3600
+
+    def __init__(self, config):
+        self.path = config.home / "downgrades.json"
+        self.lock = threading.Lock()
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            doc = {}
+        self.rules = {model: {rule: until for rule, until in rules.items()
+                              if rule in DOWNGRADES and isinstance(until, (int, float))}
+                      for model, rules in doc.items() if isinstance(rules, dict)} if isinstance(doc, dict) else {}
+
+    def for_model(self, model):
+        rules = self.rules.get(model)
+        if not rules:
+            return ()
+        now = time.time()
+        return tuple(rule for rule, until in rules.items() if until > now)
+
+    def learn(self, model, rule):
+        """Remember ``rule`` for ``model``; True the first time (to say so once)."""
+        with self.lock:
+            rules = dict(self.rules.get(model) or {})
+            new = rules.get(rule, 0) <= time.time()
+            rules[rule] = int(time.time() + self.TTL)
+            self.rules = dict(self.rules, **{model: rules})
+            try:
+                write_private_file(self.path, json.dumps(self.rules, indent=1, sort_keys=True))
+            except OSError:
+                pass
+        return new
+
+    def active(self):
+        """[(model, rule, until)] still in force."""
+        now = time.time()
+        return sorted((model, rule, until) for model, rules in self.rules.items()
+                      for rule, until in rules.items() if until > now)
+
+
 # ---------------------------------------------------------------------------
 # Stream translation: Codex Responses events -> Anthropic Messages events
 # ---------------------------------------------------------------------------
@@ -1462,14 +1648,15 @@ class ResponseTranslator:
                 item.hold, tail = "", item.hold
                 self._emit_text(item, tail)
         elif item.kind == "function_call":
-            if item.block is None:
+            item.name = item.name or payload.get("name") or None
+            if item.block is None and item.name:
                 item.call_id = item.call_id or payload.get("call_id") or "call_" + secrets.token_hex(12)
-                item.name = item.name or payload.get("name") or "tool"
                 self._open_tool(item)
-            arguments = payload.get("arguments")
-            if not item.sent_args and isinstance(arguments, str) and arguments:
-                self._delta(item, {"type": "input_json_delta", "partial_json": arguments})
-            self.tool_use = True
+            if item.block is not None:   # a call that never got its name cannot be run: dropped, as Codex does
+                arguments = payload.get("arguments")
+                if not item.sent_args and isinstance(arguments, str) and arguments:
+                    self._delta(item, {"type": "input_json_delta", "partial_json": arguments})
+                self.tool_use = True
         if item.block is not None and not self.finished:
             self._close(item)
         item.finished = True
@@ -1759,6 +1946,7 @@ class CodexClient:
         self.usage_path = self.base.rsplit("/", 1)[0] + "/wham/usage"   # /backend-api/wham/usage
         self._idle = []
         self._lock = threading.Lock()
+        self.turn_states = collections.OrderedDict()   # prompt cache key -> x-codex-turn-state
 
     def auth_headers(self, force_refresh=False):
         access, account = self.tokens.credentials(force_refresh)
@@ -1777,13 +1965,28 @@ class CodexClient:
     def open(self, payload, context):
         """POST a turn; return a CodexStream for a 200, else raise ProxyError or UpstreamBroken."""
         extra = {"Content-Type": "application/json", "Accept": "text/event-stream",
-                 "session-id": context.cache_key, "x-client-request-id": context.cache_key}
+                 "session-id": context.cache_key, "thread-id": context.cache_key,
+                 "x-client-request-id": context.cache_key}
         if context.lite:
             extra[LITE_HEADER] = "true"
+        state = self.turn_states.get(context.cache_key) if context.continues_turn else None
+        if state:
+            extra[TURN_STATE_HEADER] = state
         conn, response = self._request("POST", self.base + "/responses", payload, extra)
         if response.status == 200:
+            self._keep_turn_state(context.cache_key, response.getheader(TURN_STATE_HEADER))
             return CodexStream(self, conn, response)
         raise self._failure(conn, response, context)
+
+    def _keep_turn_state(self, key, state):
+        """The backend's sticky-routing token for a turn, echoed (as Codex does) on
+        the requests that continue that turn's tool loop. Bounded: newest 1024."""
+        with self._lock:
+            self.turn_states.pop(key, None)
+            if state:
+                self.turn_states[key] = state
+                while len(self.turn_states) > 1024:
+                    self.turn_states.popitem(last=False)
 
     def get_json(self, path):
         """GET a JSON document from the backend: (document, response headers)."""
@@ -2042,6 +2245,12 @@ def upstream_error_fields(body):
     return (code if isinstance(code, str) else None), message.strip(), error
 
 
+# "The 'gpt-5.3-codex' model is not supported when using Codex with a ChatGPT account." names the
+# model; "Unsupported parameter: 'tool_choice' is not supported with this model." names a parameter.
+MODEL_REFUSED_RE = re.compile(r"(?i)not supported when using Codex with a ChatGPT account|"
+                              r"\bmodel\b.{0,80}?\b(is not supported|does not exist|not found)")
+
+
 def upstream_http_error(status, body, headers, context):
     """Map a non-200 reply of the backend to the Anthropic error Claude Code acts on."""
     code, message, error = upstream_error_fields(body)
@@ -2049,8 +2258,7 @@ def upstream_http_error(status, body, headers, context):
         return ProxyError(401, "authentication_error",
                           "ChatGPT rejected the saved login (%s). Run `python codex_proxy.py login` "
                           "to sign in again." % (message or "401"))
-    if "not supported when using Codex with a ChatGPT account" in message or (
-            status == 400 and "model" in message.lower() and "not supported" in message.lower()):
+    if status == 400 and not REFUSED_PART_RE.search(message) and MODEL_REFUSED_RE.search(message):
         model, models = (context.model, context.models) if context else ("?", ())
         return ProxyError(400, "invalid_request_error",
                           "The model %r is not available with this ChatGPT account (%s). Models it can "
@@ -2072,9 +2280,16 @@ def upstream_http_error(status, body, headers, context):
         return ProxyError(529, "overloaded_error",
                           "The Codex backend failed (HTTP %d): %s" % (status, message or "no details"),
                           retryable=True)
-    return ProxyError(400, "invalid_request_error",
-                      "The Codex backend rejected the request (HTTP %d): %s" % (status, message),
-                      {"x-should-retry": "false"})
+    refused = ProxyError(400, "invalid_request_error",
+                         "The Codex backend rejected the request (HTTP %d): %s" % (status, message),
+                         {"x-should-retry": "false"})
+    if status in (400, 422) and context is not None and context.payload:
+        rule, learn = refused_part(code, message, error.get("param"), json.loads(context.payload))
+        refused.downgrade = (rule, learn) if rule else None
+    return refused
+
+
+RETRY_IN_RE = re.compile(r"(?i)try again in\s*(\d+(?:\.\d+)?)\s*(ms|s|seconds?)\b")   # as Codex reads it
 
 
 def upstream_failure(error, context, headers=None):
@@ -2086,8 +2301,13 @@ def upstream_failure(error, context, headers=None):
     message = message.strip()
     if code == "context_length_exceeded":
         return context_error(context)
-    if code in ("usage_limit_reached", "insufficient_quota"):
+    if code == "usage_limit_reached":
         return usage_limit_error(error, headers)
+    if code == "insufficient_quota":   # fatal for Codex too: waiting does not bring quota back
+        return ProxyError(429, "rate_limit_error",
+                          "Quota exceeded: this ChatGPT account has no Codex quota left (insufficient_quota). "
+                          "Check the plan and billing at https://chatgpt.com/#settings, or log in with another "
+                          "account.", {"x-should-retry": "false"})
     if code == "usage_not_included":
         return ProxyError(402, "billing_error",
                           "This ChatGPT plan does not include Codex. Upgrade the plan "
@@ -2097,10 +2317,10 @@ def upstream_failure(error, context, headers=None):
         return ProxyError(529, "overloaded_error",
                           "The Codex backend is overloaded (%s). Try again shortly or pick another model." % code)
     if code == "rate_limit_exceeded":
-        match = re.search(r"try again in ([0-9.]+)\s*(ms|s)", message)
+        match = RETRY_IN_RE.search(message)
         seconds = 1
         if match:
-            seconds = float(match.group(1)) / (1000.0 if match.group(2) == "ms" else 1.0)
+            seconds = float(match.group(1)) / (1000.0 if match.group(2).lower() == "ms" else 1.0)
         return ProxyError(429, "rate_limit_error", "The Codex backend is rate limiting: " + (message or code),
                           {"retry-after": str(max(1, int(math.ceil(seconds))))})
     if code in ("cyber_policy", "invalid_prompt", "bio_policy"):
@@ -2334,6 +2554,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.codex = CodexClient(config, self.tokens)
         self.catalog = ModelCatalog(config, self.codex)
         self.calibration = TokenCalibration()
+        self.downgrades = LearnedDowngrades(config)
         self.keeper = Keeper(self)
         self.quota = load_quota(config)
         self._quota_saved = 0.0
@@ -2528,6 +2749,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         line += " total=%dms" % record["total_ms"]
         if note.get("stop_reason"):
             line += " " + note["stop_reason"]
+        if note.get("downgraded"):
+            line += " downgraded=" + ",".join(note["downgraded"])
         if note.get("error"):
             line += " error=" + note["error"]
         self.server.log_request_record(record, line)
@@ -2631,7 +2854,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def handle_messages(self):
         body = self._read_json()
         codex_body, context = translate_request(body, self.headers.items(), self.server.config,
-                                                self.server.catalog.current())
+                                                self.server.catalog.current(), self.server.downgrades)
         stream = body.get("stream") is True
         if self.note is not None:
             self.note.update(model=context.requested_model, upstream_model=context.model,
@@ -2692,7 +2915,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _relay_attempts(self, payload, context, stream):
         config = self.server.config
         keeper = self.server.keeper
-        attempt = 0
+        attempt, downgraded = 0, set()
         while True:
             translator = ResponseTranslator(context)
             held = []
@@ -2748,12 +2971,27 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if upstream is not None:
                 upstream.abort()
                 upstream.close()
+            if error.downgrade and error.downgrade[0] not in downgraded and not self.sse_started:
+                downgraded.add(error.downgrade[0])   # each rule once: never a loop
+                payload = self._downgrade(context, *error.downgrade)
+                continue
             if error.retryable and not self.sse_started and attempt < config.retries:
                 attempt += 1
                 time.sleep(config.retry_delay * (2 ** (attempt - 1)) * random.uniform(0.9, 1.1))
                 continue
             self._reply_error(error)
             return
+
+    def _downgrade(self, context, rule, learn):
+        """The turn's body with one refused part downgraded; the rule is kept for the model."""
+        codex = json.loads(context.payload)
+        apply_downgrade(codex, context, rule)
+        if self.note is not None:
+            self.note.setdefault("downgraded", []).append(rule)
+        if learn and self.server.downgrades.learn(context.model, rule):
+            self._log("the Codex backend refused part of a request for %s; from now on, for a day: %s. "
+                      "(`python codex_proxy.py doctor` lists what was learned.)" % (context.model, DOWNGRADES[rule]))
+        return context.serialize_body(codex)
 
     def keep(self, stream, now):
         """Called by the Keeper about once a second while ``stream`` is relayed."""
@@ -3471,8 +3709,15 @@ class Doctor:
                 self.check(slug in catalog, "%s -> %s %s" % (family, slug, "is available" if slug in catalog else
                                                               "is not available on this plan"),
                            "set CODEX_PROXY_%s_MODEL to one of: %s" % (family.upper(), ", ".join(sorted(catalog))))
+        self.learned_downgrades()
         self.live_checks()
         return self.failures
+
+    def learned_downgrades(self):
+        """What the proxy learned to leave out, from the backend's refusals (not a failure)."""
+        for model, rule, until in LearnedDowngrades(self.config).active():
+            self.say("! %s: the backend refused a request part, so until %s: %s" % (
+                model, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(until)), DOWNGRADES[rule]))
 
     def live_checks(self):
         """One tiny real request per feature, through a proxy started here on a free port."""

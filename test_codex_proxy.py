@@ -58,6 +58,7 @@ def load_catalog():
     if path.exists():
         return [m for m in json.loads(path.read_text())["models"] if m["slug"] != "gpt-5.2"]   # retired
     return [dict(CATALOG_ENTRY, slug=slug, display_name=name, use_responses_lite=lite, default_reasoning_level=default,
+                 default_verbosity="medium" if slug == "gpt-5.4-mini" else "low",
                  supported_reasoning_levels=[{"effort": e} for e in efforts])
             for slug, name, lite, efforts, default in CATALOG_MODELS]
 
@@ -71,7 +72,7 @@ CATALOG_MODELS = (("gpt-5.6-sol", "GPT-5.6-Sol", True, FOUR + ("max", "ultra"), 
                   ("gpt-5.4-mini", "GPT-5.4-Mini", False, FOUR, "medium"),
                   ("codex-auto-review", "Codex Auto Review", False, FOUR, "medium"))
 CATALOG_ENTRY = {"context_window": 272000, "supports_parallel_tool_calls": True, "visibility": "list",
-                 "input_modalities": ["text", "image"], "supports_reasoning_summaries": True}
+                 "input_modalities": ["text", "image"], "supports_reasoning_summaries": True, "support_verbosity": True}
 # What auth.openai.com answers for a refresh token that was already used (recorded 401 body).
 REFRESH_REUSED_BODY = {"error": {"message": "Your refresh token has already been used to generate a new access "
                                             "token. Please try signing in again.",
@@ -107,7 +108,8 @@ def codex_request_problem(body, issued, lite=False):
         problem = lite_problem(body)
         if problem:
             return 400, problem
-        body = dict(body, instructions="", tools=body["input"][0]["tools"][0]["tools"], input=body["input"][1:])
+        spaces = body["input"][0]["tools"]
+        body = dict(body, instructions="", tools=spaces[0]["tools"] if spaces else [], input=body["input"][1:])
     elif not isinstance(body.get("instructions"), str):
         return 400, "Instructions are required"
     model = body.get("model")
@@ -122,6 +124,10 @@ def codex_request_problem(body, issued, lite=False):
         return 400, "Unsupported value: reasoning.summary"
     if not isinstance(body.get("prompt_cache_key"), str) or not body["prompt_cache_key"]:
         return 400, "prompt_cache_key missing"
+    text = body.get("text", {})
+    if not isinstance(text, dict) or set(text) - {"format", "verbosity"} \
+            or text.get("verbosity", "low") not in ("low", "medium", "high"):
+        return 400, "Invalid 'text': %r" % (text,)
     if reasoning.get("effort") == "ultra":
         return 400, "Unsupported value: 'ultra' (send it as 'max')"
     tools = body.get("tools")
@@ -204,10 +210,11 @@ def lite_problem(body):
         return "Lite: no top-level instructions or tools"
     first = body["input"][0] if body["input"] else {}
     namespaces = first.get("tools") if first.get("type") == "additional_tools" else None
-    if first.get("role") != "developer" or not isinstance(namespaces, list) or len(namespaces) != 1 \
-            or namespaces[0].get("type") != "namespace" or namespaces[0].get("name") != "functions" \
-            or not isinstance(namespaces[0].get("tools"), list):
-        return "Lite: input[0] must be additional_tools with the functions namespace"
+    if first.get("role") != "developer" or not isinstance(namespaces, list) or len(namespaces) > 1:
+        return "Lite: input[0] must be additional_tools"
+    if namespaces and (namespaces[0].get("type") != "namespace" or namespaces[0].get("name") != "functions"
+                       or not isinstance(namespaces[0].get("tools"), list) or not namespaces[0]["tools"]):
+        return "Lite: the functions namespace holds at least one tool (Codex sends none without tools)"
     if body.get("parallel_tool_calls") is not False or (body.get("reasoning") or {}).get("context") != "all_turns":
         return "Lite: parallel_tool_calls false and reasoning.context all_turns"
     for item in body["input"][1:]:
@@ -447,6 +454,7 @@ class FakeCodex(FakeServer):
         self.catalog = FAKE_CATALOG
         self.usage = None
         self.counts_tokens = False   # report input_tokens as counted by count_input()
+        self.refuse = None           # (test of the body, status, error body): refuse like a changed backend
         self.issued = set()
         self.valid_tokens = {ACCESS_TOKEN}
         self.connections = 0
@@ -489,6 +497,7 @@ class FakeCodex(FakeServer):
             self.catalog = FAKE_CATALOG
             self.usage = None
             self.counts_tokens = False
+            self.refuse = None
 
     def turn(self, model="gpt-5.5"):
         return Turn(self, model)
@@ -512,6 +521,8 @@ class FakeCodex(FakeServer):
         problem = self.header_problem(handler.path, headers, body) or codex_request_problem(body, self.issued, lite)
         if problem:
             return self.send_json(handler, problem[0], {"detail": problem[1]})
+        if self.refuse and self.refuse[0](body, headers):
+            return self.send_json(handler, self.refuse[1], self.refuse[2])
         with self.lock:
             reply = self.script.popleft() if self.script else None
         if reply is None and self.default is not None:
@@ -1756,6 +1767,309 @@ class TestUpstreamErrors(ProxyCase):
         self.assertEqual(answer.status, 200, "non-streaming: the broken attempt is retried")
 
 
+class TestCodexParity(unittest.TestCase):
+    """Where the Codex CLI's source shows a different request or reading of a reply
+    (codex-cli-crosscheck.md), the proxy now does what Codex does."""
+
+    def test_insufficient_quota_is_final_with_codex_wording(self):
+        for error in (cp.upstream_failure({"code": "insufficient_quota", "message": "You exceeded your current quota, "
+                                           "please check your plan and billing details."}, None),
+                      cp.upstream_http_error(429, json.dumps({"error": {"code": "insufficient_quota", "message": "x"}}).encode(),
+                                             {}, None)):
+            self.assertEqual((error.status, error.error_type), (429, "rate_limit_error"))
+            self.assertEqual(error.headers.get("x-should-retry"), "false")
+            self.assertNotIn("retry-after", error.headers)
+            self.assertFalse(error.retryable)
+            self.assertTrue(error.message.startswith("Quota exceeded"))
+            self.assertNotIn("resets", error.message)
+
+    def test_every_error_codex_treats_as_final_is_not_retried(self):
+        for code in ("context_length_exceeded", "insufficient_quota", "usage_not_included",
+                     "cyber_policy", "invalid_prompt", "bio_policy"):
+            error = cp.upstream_failure({"code": code, "message": "m"}, None)
+            self.assertEqual(error.headers.get("x-should-retry"), "false", code)
+            self.assertFalse(error.retryable, code)
+
+    def test_rate_limit_delay_is_read_as_codex_reads_it(self):
+        for message, seconds in (("Rate limit reached. Try again in 35 seconds.", "35"),
+                                 ("Please try again in 11.054s.", "12"), ("try again in 250ms", "1")):
+            error = cp.upstream_failure({"code": "rate_limit_exceeded", "message": message}, None)
+            self.assertEqual(error.headers["retry-after"], seconds, message)
+
+    def test_a_refused_parameter_is_not_taken_for_an_unavailable_model(self):
+        body = {"error": {"message": "Unsupported parameter: 'tool_choice' is not supported with this model.",
+                          "type": "invalid_request_error", "param": "tool_choice", "code": "unsupported_parameter"}}
+        error = cp.upstream_http_error(400, json.dumps(body).encode(), {}, None)
+        self.assertNotIn("not available with this ChatGPT account", error.message)
+        self.assertIn("Unsupported parameter: 'tool_choice'", error.message)
+        for detail in ("The 'gpt-5.3-codex' model is not supported when using Codex with a ChatGPT account.",
+                       "The model 'gpt-9.1' does not exist or you do not have access to it."):
+            error = cp.upstream_http_error(400, json.dumps({"detail": detail}).encode(), {}, None)
+            self.assertIn("not available with this ChatGPT account", error.message, detail)
+
+    def test_lite_request_without_tools_has_no_empty_namespace(self):
+        codex, context = translate(dict(BASIC, model="gpt-5.6-sol"))
+        self.assertTrue(context.lite)
+        self.assertEqual(codex["input"][0], {"type": "additional_tools", "role": "developer", "tools": []})
+        self.assertIsNone(lite_problem(codex))
+        codex, _ = translate(dict(BASIC, model="gpt-5.6-sol", tools=[BASH_TOOL]))
+        self.assertEqual([t["name"] for t in codex["input"][0]["tools"][0]["tools"]], ["Bash"])
+
+    def test_reasoning_summary_follows_the_catalog(self):
+        config = make_config(tempfile.gettempdir(), "http://127.0.0.1:9/backend-api/codex")
+        body = dict(BASIC, thinking={"type": "enabled", "budget_tokens": 8000})
+        entry = dict(CATALOG["gpt-5.5"])
+        codex, _ = cp.translate_request(body, {}, config, {"gpt-5.5": entry})
+        self.assertEqual(codex["reasoning"]["summary"], "auto")
+        codex, context = cp.translate_request(body, {}, config, {"gpt-5.5": dict(
+            entry, supports_reasoning_summary_parameter=False)})
+        self.assertNotIn("summary", codex["reasoning"])
+        self.assertTrue(context.thinking, "thinking blocks still come, with the signature to replay")
+
+    def test_verbosity_is_the_models_default_as_codex_sends_it(self):
+        config = make_config(tempfile.gettempdir(), "http://127.0.0.1:9/backend-api/codex")
+        codex, _ = cp.translate_request(BASIC, {}, config, CATALOG)
+        self.assertEqual(codex["text"], {"verbosity": "low"})
+        mini, _ = cp.translate_request(dict(BASIC, model="claude-haiku-4-5"), {}, config, CATALOG)
+        self.assertEqual(mini["text"], {"verbosity": "medium"})
+        schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+        shaped, _ = cp.translate_request(dict(BASIC, output_config={"format": {"type": "json_schema", "schema": schema}}),
+                                         {}, config, CATALOG)
+        self.assertEqual(shaped["text"]["verbosity"], "low")
+        self.assertEqual(shaped["text"]["format"]["schema"], schema)
+        self.assertNotIn("text", translate(BASIC)[0], "without a catalog entry, nothing is guessed")
+
+    def test_argument_deltas_for_a_call_that_never_got_its_name_are_dropped(self):
+        upstream = [{"type": "response.function_call_arguments.delta", "item_id": "fc_1", "delta": '{"input":"'},
+                    {"type": "response.completed", "response": {"id": "resp1"}}]
+        out, message = translate_events(self, upstream)
+        self.assertEqual(message["content"], [])
+        self.assertEqual(message["stop_reason"], "end_turn")
+        self.assertFalse([e for e in out if e["type"] == "content_block_start"])
+
+    def test_a_named_call_whose_item_never_finished_is_still_delivered(self):
+        turn = Turn().tool_call("Bash", {"command": "ls"})
+        events = [e for e in turn.events if e["type"] != "response.output_item.done"]
+        events.append({"type": "response.completed", "response": {"id": turn.id}})
+        _, message = translate_events(self, events)
+        self.assertEqual([(b["type"], b["name"], b["input"]) for b in message["content"]],
+                         [("tool_use", "Bash", {"command": "ls"})])
+
+
+CATALOG = {m["slug"]: m for m in FAKE_CATALOG}
+
+
+class TestCodexCliStreams(unittest.TestCase):
+    """The 51 Responses streams from the Codex CLI's own tests: each becomes a valid
+    Anthropic stream, or the documented error."""
+
+    DOCUMENTED = {400: "invalid_request_error", 402: "billing_error", 429: "rate_limit_error",
+                  500: "api_error", 529: "overloaded_error"}
+
+    def run_fixture(self, path, thinking):
+        context = cp.RequestContext("claude-opus-4-8", "gpt-5.5", {"shell": "Bash"}, thinking, [], "key")
+        translator = cp.ResponseTranslator(context)
+        out = []
+        try:
+            for event in upstream_events_from_file(path):
+                out.extend(translator.feed(event))
+        except cp.ProxyError as error:
+            self.assertEqual(self.DOCUMENTED.get(error.status), error.error_type, path.name)
+            self.assertTrue(error.message.strip(), path.name)
+            return "error %d" % error.status, error
+        if not translator.finished:   # the relay retries, then answers "ended before the reply was complete"
+            return "cut", None
+        message = cp.fold_message(check_stream(self, sse_bytes(out)))
+        self.assertEqual(message["stop_reason"] is not None, True, path.name)
+        return "message", message
+
+    def test_every_codex_cli_stream_translates(self):
+        paths = sorted(fixture("codex-cli").glob("*.sse"))
+        self.assertEqual(len(paths), 51)
+        outcomes = collections.Counter()
+        for path in paths:
+            for thinking in (False, True):
+                with self.subTest(fixture=path.name, thinking=thinking):
+                    outcome, _ = self.run_fixture(path, thinking)
+                    outcomes[outcome] += 1
+        report("codex-cli streams: 51 fixtures x thinking off/on -> %s" % dict(outcomes))
+
+    def test_quota_fixtures_are_final(self):
+        for name in ("api__failed_insufficient_quota.sse", "suite__quota_exceeded.sse"):
+            outcome, error = self.run_fixture(fixture("codex-cli", name), False)
+            self.assertEqual(outcome, "error 429")
+            self.assertEqual(error.headers, {"x-should-retry": "false"})
+
+    def test_argument_deltas_without_an_item_give_no_tool_call(self):
+        outcome, message = self.run_fixture(fixture("codex-cli", "api__parses_tool_call_input_deltas.sse"), False)
+        self.assertEqual((outcome, message["content"], message["stop_reason"]), ("message", [], "end_turn"))
+
+    def test_errors_and_cut_streams_are_the_documented_ones(self):
+        expected = {"api__failed_context_length_exceeded.sse": "error 400", "api__failed_cyber_policy.sse": "error 400",
+                    "api__failed_rate_limit_exceeded.sse": "error 429", "api__error_when_missing_completed.sse": "cut",
+                    "suite__client_context_window_failed.sse": "error 400", "hist__core_incomplete_sse.sse": "cut"}
+        for name, outcome in expected.items():
+            self.assertEqual(self.run_fixture(fixture("codex-cli", name), False)[0], outcome, name)
+
+
+class TestCodexHeaders(ProxyCase):
+    """Headers Codex sends on /responses that the proxy mirrors."""
+
+    def test_thread_id_and_turn_state_are_sent_as_codex_sends_them(self):
+        first = self.fake.turn().tool_call("Bash", {"command": "ls"}, call_id="call_a").completed()
+        self.fake.reply(Reply(events=first, headers={"x-codex-turn-state": "ts-1"}),
+                        Reply(events=self.fake.turn().text("listed").completed(), headers={"x-codex-turn-state": "ts-2"}),
+                        self.fake.turn().text("new turn").completed())
+        turn1 = dict(BASIC, tools=[BASH_TOOL], messages=[user("list files")])
+        self.assertEqual(self.post(turn1).status, 200)
+        loop = dict(turn1, messages=turn1["messages"] + [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "call_a", "name": "Bash", "input": {"command": "ls"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_a", "content": "a.txt"}]}])
+        self.assertEqual(self.post(loop).status, 200)
+        fresh = dict(loop, messages=loop["messages"] + [{"role": "assistant", "content": "listed"}, user("thanks")])
+        self.assertEqual(self.post(fresh).status, 200)
+        headers = [r["headers"] for r in self.fake.requests]
+        self.assertEqual([h.get("x-codex-turn-state") for h in headers], [None, "ts-1", None],
+                         "echoed within the tool loop of a turn, not into the next turn")
+        for h in headers:
+            self.assertEqual(h["thread-id"], h["session-id"])
+
+
+def has_part(body, kind):
+    return any(part.get("type") == kind for part in cp.all_parts(body))
+
+
+PDF_BLOCK = {"type": "document", "title": "spec.pdf",
+             "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQK"}}
+TOOL_USE_TURN = [user("list files"),
+                 {"role": "assistant", "content": [
+                     {"type": "thinking", "thinking": "", "signature": cp.thinking_signature("gpt-5.5", "gAAAAB-unknown")},
+                     {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls"}}]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.txt"}]}]
+# (rule, Anthropic request, is the part in the upstream body, the backend's refusal in its own words)
+REFUSALS = [
+    ("tool_choice", dict(BASIC, tools=[BASH_TOOL], tool_choice={"type": "any"}),
+     lambda body, headers: body.get("tool_choice") != "auto",
+     {"error": {"message": "Unsupported parameter: 'tool_choice' is not supported with this model.",
+                "type": "invalid_request_error", "param": "tool_choice", "code": "unsupported_parameter"}}),
+    ("input_file", dict(BASIC, messages=[{"role": "user", "content": [PDF_BLOCK, {"type": "text", "text": "sum up"}]}]),
+     lambda body, headers: has_part(body, "input_file"),
+     {"error": {"message": "Invalid value: 'input_file'. Supported values are: 'input_text' and 'input_image'.",
+                "type": "invalid_request_error", "param": "input[0].content[0].type", "code": "invalid_value"}}),
+    ("reasoning_summary", dict(BASIC, thinking={"type": "enabled", "budget_tokens": 8000}),
+     lambda body, headers: "summary" in body["reasoning"], {"detail": "Unsupported parameter: reasoning.summary"}),
+    ("verbosity", BASIC, lambda body, headers: "verbosity" in body.get("text", {}),
+     {"detail": "Unknown parameter: 'text.verbosity'."}),
+    ("lite", dict(BASIC, model="gpt-5.6-sol", tools=[BASH_TOOL]),
+     lambda body, headers: headers.get("x-openai-internal-codex-responses-lite") == "true",
+     {"error": {"message": "Invalid value: 'additional_tools'. Supported values are: 'message', 'function_call', "
+                "'function_call_output' and 'reasoning'.", "type": "invalid_request_error", "param": "input[0].type",
+                "code": "invalid_value"}}),
+]
+
+
+class TestSelfHealing(ProxyCase):
+    """A 400 that names a part of the request we can do without: one retry without
+    it, a normal reply, and the rule kept for the model for a day."""
+
+    def setUp(self):
+        ProxyCase.setUp(self)
+        self.proxy.downgrades.rules = {}
+        path = self.home / "downgrades.json"
+        if path.exists():
+            path.unlink()
+
+    def test_each_refused_part_is_downgraded_once_and_then_sent_downgraded(self):
+        for rule, request, present, refusal in REFUSALS:
+            with self.subTest(rule=rule):
+                self.setUp()
+                self.fake.refuse = (present, 400, refusal)
+                model = "gpt-5.6-sol" if rule == "lite" else "gpt-5.5"
+                self.fake.reply(self.fake.turn(model).text("healed reply").completed(),
+                                self.fake.turn(model).text("second turn").completed())
+                message = cp.fold_message(self.stream(request))
+                self.assertEqual(message["content"], [{"type": "text", "text": "healed reply"}])
+                first, retry = self.fake.requests
+                self.assertTrue(present(first["body"], first["headers"]), "the first try carried the part")
+                self.assertFalse(present(retry["body"], retry["headers"]), "the retry left it out")
+                self.assertEqual([r for _, r, _ in self.proxy.downgrades.active()], [rule])
+                answer = self.post(request)   # the next turn goes out downgraded at once
+                self.assertEqual(answer.status, 200, answer.body[:300])
+                self.assertEqual(len(self.fake.requests), 3)
+                self.assertFalse(present(self.sent(), self.fake.requests[-1]["headers"]))
+                lines = []
+                cp.Doctor(self.config, say=lines.append).learned_downgrades()
+                self.assertEqual(len(lines), 1)
+                self.assertIn(model, lines[0])
+                self.assertIn(cp.DOWNGRADES[rule], lines[0])
+
+    def test_the_downgrades_leave_a_request_the_strict_backend_accepts(self):
+        pdf = REFUSALS[1][1]
+        codex, context = translate(dict(pdf, tools=[BASH_TOOL], tool_choice={"type": "any"}, model="gpt-5.6-sol",
+                                        thinking={"type": "adaptive"}))
+        for rule in ("tool_choice", "input_file", "reasoning_summary", "lite"):
+            cp.apply_downgrade(codex, context, rule)
+        self.assertEqual((codex["tool_choice"], context.lite, "summary" in codex["reasoning"]), ("auto", False, False))
+        self.assertEqual(codex["input"][0]["content"][0]["text"],
+                         "[The document spec.pdf could not be sent: the Codex backend refused PDF files.]")
+        self.assertEqual([t["name"] for t in codex["tools"]], ["Bash"])
+        self.assertIsNone(codex_request_problem(codex, set()))
+
+    def test_reasoning_the_backend_cannot_verify_is_left_out_once_not_learned(self):
+        self.fake.reply(self.fake.turn().text("done").completed())
+        answer = self.post(dict(BASIC, messages=TOOL_USE_TURN, tools=[BASH_TOOL], thinking={"type": "adaptive"}))
+        self.assertEqual(answer.status, 200, answer.body[:300])
+        first, retry = self.fake.requests
+        self.assertEqual([i["type"] for i in first["body"]["input"]][:2], ["message", "reasoning"])
+        self.assertNotIn("reasoning", [i["type"] for i in retry["body"]["input"]])
+        self.assertEqual(self.proxy.downgrades.active(), [])
+
+    def test_a_refusal_naming_nothing_we_can_drop_reaches_the_client_unchanged(self):
+        self.fake.refuse = (lambda body, headers: True, 400, {"detail": "Unsupported parameter: 'frobnicate'"})
+        answer = self.post(BASIC)
+        self.assertEqual(answer.status, 400)
+        self.assertIn("Unsupported parameter: 'frobnicate'", answer.json()["error"]["message"])
+        self.assertEqual(answer.headers["x-should-retry"], "false")
+        self.assertEqual(len(self.fake.requests), 1)
+
+    def test_a_backend_that_still_refuses_gets_one_retry_then_the_error(self):
+        rule, request, _, refusal = REFUSALS[0]
+        self.fake.refuse = (lambda body, headers: True, 400, refusal)
+        answer = self.post(request)
+        self.assertEqual(answer.status, 400)
+        self.assertIn("tool_choice", answer.json()["error"]["message"])
+        self.assertEqual(len(self.fake.requests), 2)
+        self.assertEqual([r["body"]["tool_choice"] for r in self.fake.requests], ["required", "auto"])
+
+    def test_a_learned_rule_is_shared_through_the_home_and_ends_after_a_day(self):
+        learned = cp.LearnedDowngrades(self.config)
+        self.assertTrue(learned.learn("gpt-5.5", "tool_choice"))
+        self.assertFalse(learned.learn("gpt-5.5", "tool_choice"), "said once")
+        self.assertEqual(stat.S_IMODE((self.home / "downgrades.json").stat().st_mode), 0o600)
+        again = cp.LearnedDowngrades(self.config)
+        self.assertEqual(again.for_model("gpt-5.5"), ("tool_choice",))
+        self.assertEqual(again.for_model("gpt-5.4"), ())
+        doc = json.loads((self.home / "downgrades.json").read_text())
+        doc["gpt-5.5"]["tool_choice"] = time.time() - 1
+        (self.home / "downgrades.json").write_text(json.dumps(doc))
+        self.assertEqual(cp.LearnedDowngrades(self.config).for_model("gpt-5.5"), ())
+
+    def test_the_log_says_it_once(self):
+        import io
+        rule, request, present, refusal = REFUSALS[0]
+        self.fake.refuse = (present, 400, refusal)
+        self.fake.default = self.fake.turn().text("ok").completed()
+        saved, sys.stderr = sys.stderr, io.StringIO()
+        try:
+            for _ in range(3):
+                self.assertEqual(self.post(request).status, 200)
+            said = sys.stderr.getvalue()
+        finally:
+            sys.stderr = saved
+        self.assertEqual(said.count("the Codex backend refused part of a request for gpt-5.5"), 1, said)
+        self.assertEqual(len(self.fake.requests), 4)
+
+
 class TestUpstreamTimeouts(ProxyCase):
     settings = {"idle_timeout": 0.6, "ping_interval": 0.2, "retries": 1}
 
@@ -2374,6 +2688,27 @@ class TestAnthropicSDK(ProxyCase):
                                                messages=[{"role": "user", "content": "x"}]) as stream:
                 stream.get_final_message()
         self.assertIn("overloaded_error", str(caught.exception))
+
+    def test_insufficient_quota_is_not_retried_by_the_sdk(self):
+        quota = {"code": "insufficient_quota", "message": "You exceeded your current quota, please check your plan "
+                 "and billing details."}
+        for where, reply in (("HTTP error", lambda: Reply(status=429, body={"error": dict(quota, type="insufficient_quota")})),
+                             ("response.failed", lambda: self.fake.turn().failed(**quota))):
+            with self.subTest(where=where):
+                self.fake.reset()
+                self.fake.reply(reply(), reply(), reply())
+                client = anthropic.Anthropic(api_key=PROXY_KEY, base_url=self.proxy.url, max_retries=2)
+                with self.assertRaises(anthropic.RateLimitError) as caught:
+                    client.messages.create(model="claude-opus-4-8", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+                self.assertIn("Quota exceeded", str(caught.exception))
+                self.assertEqual(len(self.fake.requests), 1, "the SDK sent it once")
+        self.fake.reset()   # control: a passing rate limit is retried by the same SDK
+        self.fake.reply(self.fake.turn().failed("rate_limit_exceeded", "Try again in 0.2s."),
+                        self.fake.turn().text("second try").completed())
+        client = anthropic.Anthropic(api_key=PROXY_KEY, base_url=self.proxy.url, max_retries=2)
+        reply = client.messages.create(model="claude-opus-4-8", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+        self.assertEqual(reply.content[0].text, "second try")
+        self.assertEqual(len(self.fake.requests), 2)
 
     def test_http_errors_map_to_sdk_exceptions(self):
         self.fake.reply(Reply(status=503, body={"error": {"code": "server_is_overloaded"}}))
