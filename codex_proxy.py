@@ -192,16 +192,20 @@ class ProxyError(Exception):
 
     downgrade = None   # for a refused request part: (rule, learn it), see refused_part()
 
-    def __init__(self, status, error_type, message, headers=None, retryable=False):
+    def __init__(self, status, error_type, message, headers=None, retryable=False, details=None):
         Exception.__init__(self, message)
         self.status = status
         self.error_type = error_type
         self.message = message
         self.headers = dict(headers or {})
         self.retryable = retryable   # worth another upstream attempt before the client saw bytes
+        self.details = details       # error.details, e.g. {"error_code": "thread_not_found"}
 
     def event(self):
-        return {"type": "error", "error": {"type": self.error_type, "message": self.message}}
+        error = {"type": self.error_type, "message": self.message}
+        if self.details:
+            error["details"] = self.details
+        return {"type": "error", "error": error}
 
     def body(self, request_id):
         doc = self.event()
@@ -698,6 +702,7 @@ class RequestContext:
         self.codex_body = codex_body
         self.payload = None
         self.context_window = context_window
+        self.thread_turn = None                  # a ThreadTurn when the request is on a message thread
         self.lite = lite                         # sent in the Responses Lite shape
         self.models = models                     # the models this account can use, as far as known
         inputs = (codex_body or {}).get("input") or [{}]
@@ -719,13 +724,14 @@ class RequestContext:
         return self.payload
 
 
-def translate_request(body, headers, config, catalog=None, downgrades=None):
+def translate_request(body, headers, config, catalog=None, downgrades=None, recall=None):
     """Anthropic /v1/messages body -> (Codex /responses body, RequestContext).
 
     Pure: no I/O. ``catalog`` maps model slugs to Codex catalog entries (the
     built-in table stands in for models it lacks); ``downgrades`` is a
     LearnedDowngrades whose rules for the model are applied. Raises
-    ProxyError(400) naming the offending field.
+    ProxyError(400) naming the offending field. ``recall(tool_use_id, model)``
+    gives the encrypted reasoning kept for a tool call whose client hid thinking.
     """
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
@@ -745,7 +751,7 @@ def translate_request(body, headers, config, catalog=None, downgrades=None):
     items = []
     add_developer_message(items, system_texts(body.get("system")))
     for i, message in enumerate(messages):
-        translate_message(items, message, "messages.%d" % i, names, model)
+        translate_message(items, message, "messages.%d" % i, names, model, recall)
     items = repair_tool_pairs(items)
 
     efforts, lite, window = model_profile(model, catalog)
@@ -1034,7 +1040,7 @@ def content_blocks(content, path):
     return blocks
 
 
-def translate_message(items, message, path, names, model):
+def translate_message(items, message, path, names, model, recall=None):
     if not isinstance(message, dict):
         raise invalid_request(path + ": must be an object with role and content.")
     role = message.get("role")
@@ -1042,7 +1048,7 @@ def translate_message(items, message, path, names, model):
     if role == "user":
         translate_user_blocks(items, blocks, names)
     elif role == "assistant":
-        translate_assistant_blocks(items, blocks, names, model)
+        translate_assistant_blocks(items, blocks, names, model, recall)
     elif role == "system":
         add_developer_message(items, system_texts(blocks))
     else:
@@ -1145,8 +1151,14 @@ def function_call_output(block):
             "output": output}
 
 
-def translate_assistant_blocks(items, blocks, names, model):
+def translate_assistant_blocks(items, blocks, names, model, recall=None):
     parts = []
+    if recall and not any(b.get("type") == "thinking" and signature_content(b.get("signature"), model)
+                          for b in blocks):
+        # The client hid thinking: the reasoning behind these tool calls comes from the cache.
+        recalled = [recall(b.get("id"), model) for b in blocks if b.get("type") == "tool_use"]
+        for encrypted in sorted(set(filter(None, recalled)), key=recalled.index):
+            items.append({"type": "reasoning", "summary": [], "encrypted_content": encrypted})
 
     def flush():
         if parts:
@@ -1460,6 +1472,189 @@ class LearnedDowngrades:
 
 
 # ---------------------------------------------------------------------------
+# Conversation state kept between turns: message threads, hidden reasoning
+# ---------------------------------------------------------------------------
+# Both live in memory only, bounded, and never touch disk.
+
+THREAD_CREATE_ONLY = ("system", "tools")   # kept by the thread; a continue must leave them out
+
+
+class ThreadTurn:
+    """One request on a message thread: what is stored under its reply's id once
+    the reply is complete."""
+
+    def __init__(self, previous, head, messages):
+        self.previous = previous   # the reply id this turn continues, None for a create
+        self.head = head           # the create-only fields, as JSON bytes
+        self.messages = messages   # every message so far (the reply not yet), each as JSON bytes
+
+
+class _StoredThread:
+    __slots__ = ("head", "messages", "size", "used", "busy", "continued")
+
+    def __init__(self, head, messages, now):
+        self.head, self.messages, self.used = head, messages, now
+        self.size = len(head) + sum(len(m) for m in messages)
+        self.busy = self.continued = False
+
+
+class ThreadStore:
+    """Message threads (the ``message-threads-2026-08-12`` beta): a client sends the
+    whole conversation once with ``thread: {"type": "create"}``, then only the new
+    messages with ``{"type": "continue", "previous_message_id": <last reply id>}``.
+
+    The store keeps each thread under its newest reply's id, the reply included
+    as the client received it (thinking signatures and tool ids too), and rebuilds
+    the full request, which then takes the unthreaded path. As the docs say, it
+    is best effort: a thread ends 5 minutes after its last request, and beyond
+    ``max_threads`` or ``max_bytes`` the least recently used go first; either way
+    a continue then gets 404 ``thread_not_found`` and the SDKs replay the history.
+    """
+
+    def __init__(self, max_threads=1000, max_bytes=64 << 20, ttl=300.0, clock=time.monotonic):
+        self.max_threads, self.max_bytes, self.ttl, self.clock = max_threads, max_bytes, ttl, clock
+        self.threads = collections.OrderedDict()   # reply id -> _StoredThread, least recently used first
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def open(self, body):
+        """-> (the full request without ``thread``, ThreadTurn); marks a continued thread busy."""
+        return self._expand(body, claim=True)
+
+    def expand(self, body):
+        """The full request of a threaded body, claiming nothing (for count_tokens)."""
+        return self._expand(body, claim=False)[0]
+
+    def _expand(self, body, claim):
+        thread = body.get("thread")
+        rest = {k: v for k, v in body.items() if k != "thread"}
+        messages = rest.get("messages")
+        if not isinstance(messages, list):
+            raise invalid_request("messages: must be a list of {role, content} objects.")
+        kind = thread.get("type") if isinstance(thread, dict) else None
+        if kind == "create":
+            head = json_bytes({k: rest[k] for k in THREAD_CREATE_ONLY if k in rest})
+            return rest, ThreadTurn(None, head, [json_bytes(m) for m in messages])
+        if kind != "continue":
+            raise invalid_request('thread.type: must be "create" or "continue".')
+        previous = thread.get("previous_message_id")
+        if not isinstance(previous, str) or not previous:
+            raise invalid_request("thread.previous_message_id: the id of the thread's last reply is required.")
+        repeated = [k for k in THREAD_CREATE_ONLY if k in rest]
+        if repeated:
+            raise invalid_request("thread.continue: leave out %s; the thread keeps the ones it was created with "
+                                  "(start a new thread to change them)." % " and ".join(repeated))
+        with self.lock:
+            stored = self._find(previous)
+            if claim:
+                stored.busy = True
+                stored.used = self.clock()
+            head, history = stored.head, list(stored.messages)
+        full = dict(json.loads(head), **rest)
+        full["messages"] = [json.loads(m) for m in history] + messages
+        return full, ThreadTurn(previous, head, history + [json_bytes(m) for m in messages])
+
+    def _find(self, reply_id):
+        stored = self.threads.get(reply_id)
+        if stored is not None and self.clock() - stored.used > self.ttl:
+            self._drop(reply_id)
+            stored = None
+        if stored is None:
+            raise thread_error(404, "not_found_error", "thread_not_found",
+                               "No thread is kept for reply %s (threads end 5 minutes after their last request, "
+                               "and a restarted proxy has none): send the full conversation with "
+                               'thread: {"type": "create"}.' % reply_id[:80])
+        if stored.continued:
+            raise thread_error(400, "invalid_request_error", "thread_already_continued",
+                               "Reply %s was already continued; continue from the thread's newest reply." % reply_id[:80])
+        if stored.busy:
+            raise thread_error(400, "invalid_request_error", "thread_continue_in_flight",
+                               "Another request is continuing from reply %s; wait for its reply and continue "
+                               "from that." % reply_id[:80])
+        self.threads.move_to_end(reply_id)
+        return stored
+
+    def close(self, turn, reply_id, message):
+        """Keep the thread under ``reply_id``, with ``message`` (the complete reply) appended."""
+        reply = json_bytes({"role": "assistant", "content": message["content"]})
+        stored = _StoredThread(turn.head, turn.messages + [reply], self.clock())
+        with self.lock:
+            old = self.threads.get(turn.previous) if turn.previous else None
+            if old is not None and not old.continued:   # a spent reply id answers thread_already_continued
+                self.bytes -= old.size
+                old.head, old.messages, old.size = None, None, 0
+                old.continued, old.busy, old.used = True, False, stored.used
+            self.threads[reply_id] = stored
+            self.bytes += stored.size
+            self._evict()
+
+    def release(self, turn):
+        """The turn failed or was cut short: nothing is stored, its thread may be continued again."""
+        if turn.previous:
+            with self.lock:
+                stored = self.threads.get(turn.previous)
+                if stored is not None:
+                    stored.busy = False
+
+    def _evict(self):
+        now = self.clock()
+        while self.threads:
+            oldest_id, oldest = next(iter(self.threads.items()))
+            if now - oldest.used <= self.ttl and len(self.threads) <= self.max_threads \
+                    and self.bytes <= self.max_bytes:
+                break
+            self._drop(oldest_id)
+
+    def _drop(self, reply_id):
+        stored = self.threads.pop(reply_id, None)
+        if stored is not None:
+            self.bytes -= stored.size
+
+
+def thread_error(status, error_type, code, message):
+    return ProxyError(status, error_type, message, details={"error_code": code})
+
+
+class ReasoningCache:
+    """The encrypted reasoning of replies whose client did not ask for thinking,
+    by the tool_use ids it led to. Such a client sends the tool calls back without
+    any thinking block; the reasoning item is put back in front of them, so the
+    model goes on with its chain of thought (the Codex backend's own advice),
+    and only for the model and the login that made it. Least recently used first
+    out, beyond ``max_items`` or ``max_bytes``."""
+
+    def __init__(self, max_items=4096, max_bytes=32 << 20):
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self.items = collections.OrderedDict()   # tool_use id -> (model, account, encrypted_content)
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def remember(self, model, account, groups):
+        """``groups``: [(encrypted_content, [tool_use ids])] from one reply."""
+        with self.lock:
+            for encrypted, call_ids in groups:
+                for call_id in call_ids:
+                    self._forget(call_id)
+                    self.items[call_id] = (model, account, encrypted)
+                    self.bytes += len(encrypted)
+            while self.items and (len(self.items) > self.max_items or self.bytes > self.max_bytes):
+                self._forget(next(iter(self.items)))
+
+    def recall(self, call_id, model, account):
+        with self.lock:
+            entry = self.items.get(call_id)
+            if entry is None or entry[:2] != (model, account):
+                return None
+            self.items.move_to_end(call_id)
+            return entry[2]
+
+    def _forget(self, call_id):
+        entry = self.items.pop(call_id, None)
+        if entry is not None:
+            self.bytes -= len(entry[2])
+
+
+# ---------------------------------------------------------------------------
 # Stream translation: Codex Responses events -> Anthropic Messages events
 # ---------------------------------------------------------------------------
 
@@ -1532,6 +1727,7 @@ class ResponseTranslator:
         self.search_count = 0
         self.upstream_usage = None
         self.stop_reason = None
+        self.hidden_reasoning = []   # [encrypted_content, [tool_use ids]] when the client hides thinking
 
     def feed(self, event):
         self.out = []
@@ -1626,12 +1822,15 @@ class ResponseTranslator:
 
     def _done(self, item, payload):
         if item.kind == "reasoning":
+            encrypted = payload.get("encrypted_content")
+            encrypted = encrypted if isinstance(encrypted, str) and encrypted else None
             if self.ctx.thinking:
                 if item.block is None:
                     self._open(item, {"type": "thinking", "thinking": "", "signature": ""})
-                encrypted = payload.get("encrypted_content")
-                signature = thinking_signature(self.ctx.model, encrypted) if isinstance(encrypted, str) and encrypted else ""
+                signature = thinking_signature(self.ctx.model, encrypted) if encrypted else ""
                 self._delta(item, {"type": "signature_delta", "signature": signature})
+            elif encrypted:   # kept server-side for the tool calls it leads to (ReasoningCache)
+                self.hidden_reasoning.append([encrypted, []])
         elif item.kind == "web_search":
             self._search_done(payload)
         elif item.kind == "message" and item.held is not None:
@@ -1777,7 +1976,10 @@ class ResponseTranslator:
 
     def _open_tool(self, item):
         name = self.ctx.tool_names.get(item.name, item.name)
-        self._open(item, {"type": "tool_use", "id": codex_call_id(item.call_id), "name": name, "input": {}})
+        tool_id = codex_call_id(item.call_id)
+        if self.hidden_reasoning:
+            self.hidden_reasoning[-1][1].append(tool_id)
+        self._open(item, {"type": "tool_use", "id": tool_id, "name": name, "input": {}})
         if item.args:
             item.args, args = "", item.args
             item.sent_args = True
@@ -1947,9 +2149,11 @@ class CodexClient:
         self._idle = []
         self._lock = threading.Lock()
         self.turn_states = collections.OrderedDict()   # prompt cache key -> x-codex-turn-state
+        self.account = None
 
     def auth_headers(self, force_refresh=False):
         access, account = self.tokens.credentials(force_refresh)
+        self.account = account   # the login whose reasoning the next replies carry
         headers = {
             "Authorization": "Bearer " + access,
             "originator": ORIGINATOR,
@@ -2555,6 +2759,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.catalog = ModelCatalog(config, self.codex)
         self.calibration = TokenCalibration()
         self.downgrades = LearnedDowngrades(config)
+        self.threads = ThreadStore()
+        self.reasoning = ReasoningCache()
         self.keeper = Keeper(self)
         self.quota = load_quota(config)
         self._quota_saved = 0.0
@@ -2853,17 +3059,31 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def handle_messages(self):
         body = self._read_json()
-        codex_body, context = translate_request(body, self.headers.items(), self.server.config,
-                                                self.server.catalog.current(), self.server.downgrades)
-        stream = body.get("stream") is True
-        if self.note is not None:
-            self.note.update(model=context.requested_model, upstream_model=context.model,
-                             effort=codex_body["reasoning"]["effort"], stream=stream)
-        del body, codex_body   # while the reply streams, only the bytes below are kept
-        self._relay(context.serialize(), context, stream)
+        turn = None
+        if isinstance(body, dict) and "thread" in body:
+            body, turn = self.server.threads.open(body)   # the full conversation, rebuilt
+        try:
+            codex_body, context = translate_request(body, self.headers.items(), self.server.config,
+                                                    self.server.catalog.current(), self.server.downgrades,
+                                                    self._recall_reasoning)
+            context.thread_turn = turn
+            stream = body.get("stream") is True
+            if self.note is not None:
+                self.note.update(model=context.requested_model, upstream_model=context.model,
+                                 effort=codex_body["reasoning"]["effort"], stream=stream)
+            del body, codex_body   # while the reply streams, only the bytes below are kept
+            self._relay(context.serialize(), context, stream)
+        finally:
+            if turn is not None and turn.messages is not None:   # not stored: failed or cut short
+                self.server.threads.release(turn)
+
+    def _recall_reasoning(self, call_id, model):
+        return self.server.reasoning.recall(call_id, model, self.server.codex.account)
 
     def handle_count_tokens(self):
         body = self._read_json()
+        if isinstance(body, dict) and "thread" in body:
+            body = self.server.threads.expand(body)
         codex_body, context = translate_request(body, self.headers.items(), self.server.config,
                                                 self.server.catalog.current())
         # A local estimate, scaled by how the backend counted this conversation's last turn.
@@ -2919,6 +3139,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         while True:
             translator = ResponseTranslator(context)
             held = []
+            record = [] if stream and context.thread_turn else None   # the reply, for the thread store
             upstream = None
             try:
                 upstream = self.server.codex.open(payload, context)
@@ -2926,6 +3147,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 keeper.watch(self, upstream)
                 for event in upstream.events():
                     out = translator.feed(event)
+                    if record is not None:
+                        record.extend(out)
                     if self.first_output_at is None and translator.has_output:
                         self.first_output_at = time.monotonic()
                     if stream and (self.sse_started or translator.has_output):
@@ -2958,10 +3181,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     upstream.close()
                 else:
                     upstream.finish()
+                message = None
                 if stream:
                     self._end_sse()
                 else:
-                    self._send_json(200, fold_message(held), unified_ratelimit_headers(quota_from_headers(upstream.headers)))
+                    message = fold_message(held)
+                    self._send_json(200, message, unified_ratelimit_headers(quota_from_headers(upstream.headers)))
+                if context.thread_turn:
+                    self._keep_thread(context.thread_turn, translator, message or fold_message(record))
                 self._learn(context, translator, upstream)
                 return
             finally:
@@ -3012,8 +3239,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     except OSError:
                         stream.abort(ClientGone())
 
+    def _keep_thread(self, turn, translator, message):
+        self.server.threads.close(turn, translator.message_id, message)
+        turn.messages = None   # stored: nothing to release
+
     def _learn(self, context, translator, upstream):
-        """After the reply: calibrate count_tokens, keep the usage windows, note the outcome."""
+        """After the reply: calibrate count_tokens, keep the usage windows and hidden
+        reasoning, note the outcome."""
+        groups = [(encrypted, ids) for encrypted, ids in translator.hidden_reasoning if ids]
+        if groups:
+            self.server.reasoning.remember(context.model, self.server.codex.account, groups)
         usage = translator.upstream_usage
         if self.note is not None:
             counted = anthropic_usage(usage)

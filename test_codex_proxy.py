@@ -2720,6 +2720,255 @@ class TestAnthropicSDK(ProxyCase):
                 model="claude-opus-4-8", max_tokens=10, messages=[{"role": "user", "content": "x"}])
 
 
+class ClientRecordingHandler(cp.ProxyHandler):
+    """The proxy's handler, also keeping each request body its client sent."""
+
+    def _read_json(self):
+        body = cp.ProxyHandler._read_json(self)
+        self.server.client_bodies.append(body)
+        return body
+
+
+def weather_turns(fake):
+    """A three-tool-call task as the backend answers it: reasoning, one call a turn, then the answer."""
+    turns = [fake.turn().reasoning().tool_call("get_weather", {"city": city}, call_id="call_%s" % city).completed()
+             for city in ("Oslo", "Lima", "Pune")]
+    return turns + [fake.turn().reasoning().text("Oslo 3C, Lima 19C, Pune 31C.").completed()]
+
+
+class ThreadCase(ProxyCase):
+    handler = ClientRecordingHandler
+
+    def setUp(self):
+        ProxyCase.setUp(self)
+        self.proxy.client_bodies = []
+        self.proxy.threads.threads.clear()
+        self.proxy.threads.bytes = 0
+
+    def client(self, **kw):
+        return anthropic.Anthropic(api_key=PROXY_KEY, base_url=self.proxy.url, max_retries=kw.pop("max_retries", 0), **kw)
+
+    def upstream_inputs(self):
+        return [r["body"]["input"] for r in self.fake.requests]
+
+
+@needs(anthropic, "anthropic SDK not installed (pip install anthropic)")
+class TestMessageThreadsWithTheSDK(ThreadCase):
+    """The official SDK's tool runner and thread helper use message threads by default."""
+
+    def run_weather(self, **runner_args):
+        calls = []
+
+        @anthropic.beta_tool
+        def get_weather(city: str) -> str:
+            """The weather in a city."""
+            calls.append(city)
+            return {"Oslo": "3C", "Lima": "19C", "Pune": "31C"}[city]
+
+        runner = self.client().beta.messages.tool_runner(
+            model="claude-opus-4-8", max_tokens=1024, system="You are a weather desk.", tools=[get_weather],
+            messages=[{"role": "user", "content": "Weather in Oslo, Lima and Pune?"}], **runner_args)
+        final = runner.until_done()
+        return calls, final
+
+    def test_tool_runner_with_default_settings_sends_what_an_unthreaded_run_sends(self):
+        turns = weather_turns(self.fake)
+        self.fake.reply(*turns)
+        calls, final = self.run_weather()
+        self.assertEqual(calls, ["Oslo", "Lima", "Pune"])
+        self.assertEqual(final.content[-1].text, "Oslo 3C, Lima 19C, Pune 31C.")
+        threads = [b.get("thread") for b in self.proxy.client_bodies]
+        self.assertEqual(threads[0], {"type": "create"})
+        self.assertEqual([t["type"] for t in threads[1:]], ["continue"] * 3, "the SDK really used threads")
+        for body in self.proxy.client_bodies[1:]:
+            self.assertEqual((len(body["messages"]), "system" in body, "tools" in body), (1, False, False))
+        threaded = self.upstream_inputs()
+        self.fake.reset()
+        self.fake.reply(*turns)
+        self.proxy.client_bodies = []
+        calls, final = self.run_weather(thread=False)
+        self.assertNotIn("thread", self.proxy.client_bodies[-1])
+        self.assertEqual(threaded, self.upstream_inputs(), "every turn's upstream input is the unthreaded one")
+        self.assertEqual(threaded[-1][0]["role"], "developer", "the system prompt reached the model")
+        self.assertEqual(len([i for i in threaded[-1] if i["type"] == "function_call"]), 3)
+
+    def test_thread_helper_over_five_turns_recovers_from_an_expired_thread(self):
+        for n in range(5):
+            self.fake.reply(self.fake.turn().text("answer %d" % n).completed())
+        thread = self.client().beta.messages.thread(model="claude-opus-4-8", max_tokens=1024, system="Be brief.")
+        replies = []
+        for n in range(5):
+            if n == 3:   # the thread expires (5 minutes later, as the proxy sees it)
+                for stored in self.proxy.threads.threads.values():
+                    stored.used -= 301
+            replies.append(thread.send({"role": "user", "content": "question %d" % n}).content[0].text)
+        self.assertEqual(replies, ["answer %d" % n for n in range(5)])
+        kinds = [b["thread"]["type"] for b in self.proxy.client_bodies]
+        self.assertEqual(kinds, ["create", "continue", "continue", "continue", "create", "continue"],
+                         "turn 4 got thread_not_found and the SDK replayed the history")
+        self.assertEqual(len(self.fake.requests), 5, "the refused continue never reached the backend")
+        last = self.upstream_inputs()[-1]
+        said = [i["content"][0]["text"] for i in last if i["type"] == "message"]
+        self.assertEqual(said, ["Be brief."] + [x for n in range(4) for x in ("question %d" % n, "answer %d" % n)]
+                         + ["question 4"])
+        self.assertEqual(len(self.proxy.client_bodies[4]["messages"]), 7, "the replay sent the whole history")
+
+    def test_tool_loop_without_thinking_replays_the_hidden_reasoning(self):
+        turns = weather_turns(self.fake)
+        self.fake.reply(*turns)
+        self.run_weather()
+        for n, body in enumerate(self.fake.requests[1:], 1):
+            encrypted = turns[n - 1][-1]["response"]["output"][0]["encrypted_content"]
+            kinds = [(i["type"], i.get("encrypted_content") or i.get("call_id")) for i in body["body"]["input"]]
+            at = kinds.index(("reasoning", encrypted))
+            self.assertEqual(kinds[at + 1][0], "function_call", "turn %d: reasoning right before its call" % n)
+        self.assertNotIn("thinking", self.proxy.client_bodies[0])
+
+
+class TestMessageThreads(ThreadCase):
+    """The thread store over loopback, with the documented answers."""
+
+    def create(self, text="hi", **extra):
+        self.fake.reply(self.fake.turn().text("reply to " + text).completed())
+        answer = self.post(dict(BASIC, system="sys", tools=[BASH_TOOL], messages=[user(text)],
+                                thread={"type": "create"}, **extra))
+        self.assertEqual(answer.status, 200, answer.body[:300])
+        return answer.json()["id"]
+
+    def continue_(self, previous, text="more", **extra):
+        body = dict(model=BASIC["model"], max_tokens=100, messages=[user(text)],
+                    thread={"type": "continue", "previous_message_id": previous}, **extra)
+        return self.post(body)
+
+    def test_continue_of_an_unknown_id_is_404_thread_not_found(self):
+        answer = self.continue_("msg_unknown")
+        self.assertEqual(answer.status, 404)
+        error = answer.json()["error"]
+        self.assertEqual((error["type"], error["details"]["error_code"]), ("not_found_error", "thread_not_found"))
+        self.assertEqual(self.fake.requests, [])
+
+    def test_a_reply_continued_twice_is_thread_already_continued(self):
+        first = self.create()
+        self.fake.reply(self.fake.turn().text("second").completed())
+        self.assertEqual(self.continue_(first).status, 200)
+        again = self.continue_(first)
+        self.assertEqual(again.status, 400)
+        self.assertEqual(again.json()["error"]["details"]["error_code"], "thread_already_continued")
+
+    def test_concurrent_continues_of_one_reply_get_thread_continue_in_flight(self):
+        first = self.create()
+        slow = Reply(events=self.fake.turn().text("slow").completed(), gate_after=2)
+        self.fake.reply(slow)
+        results = []
+        worker = threading.Thread(target=lambda: results.append(self.continue_(first, stream=True)))
+        worker.start()
+        self.wait_until(lambda: len(self.fake.requests) == 2)
+        other = self.continue_(first)
+        slow.gate.set()
+        worker.join(30)
+        self.assertEqual(other.status, 400)
+        self.assertEqual(other.json()["error"]["details"]["error_code"], "thread_continue_in_flight")
+        self.assertEqual(results[0].status, 200)
+
+    def wait_until(self, condition):
+        deadline = time.monotonic() + 10
+        while not condition():
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.01)
+
+    def test_a_failed_reply_is_not_stored_and_the_thread_goes_on_from_before(self):
+        first = self.create()
+        self.fake.reply(self.fake.turn().text("partial").failed("server_error", "boom"),
+                        self.fake.turn().text("again").failed("server_error", "boom"),
+                        self.fake.turn().text("and again").failed("server_error", "boom"),
+                        self.fake.turn().text("still").failed("server_error", "boom"))
+        failed = self.continue_(first, stream=True)
+        self.assertIn(b"event: error", failed.body)
+        failed_id = json.loads(failed.body.split(b"data: ", 2)[1].split(b"\n")[0])["message"]["id"]
+        self.assertEqual(self.continue_(failed_id).status, 404, "a reply cut short is not a thread")
+        self.fake.reply(self.fake.turn().text("fine").completed())
+        self.assertEqual(self.continue_(first).status, 200, "the thread is still continuable")
+
+    def test_continue_must_leave_out_system_and_tools(self):
+        first = self.create()
+        answer = self.continue_(first, system="other")
+        self.assertEqual(answer.status, 400)
+        self.assertIn("leave out system", answer.json()["error"]["message"])
+
+    def test_count_tokens_counts_the_whole_thread(self):
+        first = self.create(text="x" * 4000)
+        threaded = self.post({"model": BASIC["model"], "messages": [user("more")],
+                              "thread": {"type": "continue", "previous_message_id": first}},
+                             path="/v1/messages/count_tokens").json()["input_tokens"]
+        whole = self.post({"model": BASIC["model"], "system": "sys", "tools": [BASH_TOOL], "messages": [
+            user("x" * 4000), {"role": "assistant", "content": [{"type": "text", "text": "reply to " + "x" * 4000}]},
+            user("more")]}, path="/v1/messages/count_tokens").json()["input_tokens"]
+        self.assertEqual(threaded, whole)
+        self.fake.reply(self.fake.turn().text("counted").completed())
+        self.assertEqual(self.continue_(first).status, 200, "counting claimed nothing")
+
+    def test_the_store_forgets_the_oldest_beyond_its_limits(self):
+        store = cp.ThreadStore(max_threads=1000, max_bytes=8 << 20)
+        import tracemalloc
+        tracemalloc.start()
+        message = {"role": "user", "content": "m" * 4000}
+        for n in range(10000):
+            _, turn = store.open({"messages": [message], "system": "s", "thread": {"type": "create"}})
+            store.close(turn, "msg_%d" % n, {"content": [{"type": "text", "text": "r" * 1000}]})
+        current, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        self.assertLessEqual(len(store.threads), 1000)
+        self.assertLessEqual(store.bytes, 8 << 20)
+        self.assertLess(current, 16 << 20)
+        with self.assertRaises(cp.ProxyError) as caught:
+            store.open({"messages": [], "thread": {"type": "continue", "previous_message_id": "msg_0"}})
+        self.assertEqual(caught.exception.details, {"error_code": "thread_not_found"})
+        store.open({"messages": [], "thread": {"type": "continue", "previous_message_id": "msg_9999"}})
+        report("threads: 10,000 created (5 KB each), %d kept, %.1f MB counted, %.1f MB traced (peak %.1f MB)"
+               % (len(store.threads), store.bytes / 1e6, current / 1e6, peak / 1e6))
+
+    def test_threads_never_touch_disk(self):
+        before = sorted(p.name for p in self.home.iterdir())
+        self.create()
+        self.assertEqual(sorted(p.name for p in self.home.iterdir()), before)
+
+
+class TestHiddenReasoning(unittest.TestCase):
+    """ReasoningCache: bounded, and only for the model and login that made it."""
+
+    def test_reasoning_is_recalled_only_for_its_model_and_account(self):
+        cache = cp.ReasoningCache()
+        cache.remember("gpt-5.5", "acct-1", [("gAAAAB-r1", ["call_a", "call_b"])])
+        self.assertEqual(cache.recall("call_b", "gpt-5.5", "acct-1"), "gAAAAB-r1")
+        self.assertIsNone(cache.recall("call_a", "gpt-5.4", "acct-1"))
+        self.assertIsNone(cache.recall("call_a", "gpt-5.5", "acct-2"))
+
+    def test_parallel_calls_bring_back_one_reasoning_item_before_them(self):
+        cache = cp.ReasoningCache()
+        cache.remember("gpt-5.5", None, [("gAAAAB-r1", ["call_a", "call_b"])])
+        body = dict(BASIC, tools=[BASH_TOOL], messages=[user("go"), {"role": "assistant", "content": [
+            {"type": "text", "text": "Running both."},
+            {"type": "tool_use", "id": "call_a", "name": "Bash", "input": {"command": "a"}},
+            {"type": "tool_use", "id": "call_b", "name": "Bash", "input": {"command": "b"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_a", "content": "1"},
+                                         {"type": "tool_result", "tool_use_id": "call_b", "content": "2"}]}])
+        config = make_config(tempfile.gettempdir(), "http://127.0.0.1:9/backend-api/codex")
+        codex, _ = cp.translate_request(body, {}, config, recall=lambda i, m: cache.recall(i, m, None))
+        self.assertEqual([i["type"] for i in codex["input"]],
+                         ["message", "reasoning", "message", "function_call", "function_call",
+                          "function_call_output", "function_call_output"])
+        self.assertIsNone(codex_request_problem(codex, {"gAAAAB-r1"}))
+
+    def test_the_cache_is_bounded(self):
+        cache = cp.ReasoningCache(max_items=100, max_bytes=50000)
+        for n in range(1000):
+            cache.remember("gpt-5.5", None, [("x" * 1000, ["call_%d" % n])])
+        self.assertLessEqual(len(cache.items), 50)
+        self.assertLessEqual(cache.bytes, 50000)
+        self.assertIsNotNone(cache.recall("call_999", "gpt-5.5", None))
+        self.assertIsNone(cache.recall("call_0", "gpt-5.5", None))
+
+
 # ---------------------------------------------------------------------------
 # Hardening: nobody else spends the subscription, bad input never crashes it
 # ---------------------------------------------------------------------------
