@@ -703,6 +703,7 @@ class RequestContext:
         self.payload = None
         self.context_window = context_window
         self.thread_turn = None                  # a ThreadTurn when the request is on a message thread
+        self.max_tokens = None                   # the reply is cut there (estimated), as the backend has no cap
         self.lite = lite                         # sent in the Responses Lite shape
         self.models = models                     # the models this account can use, as far as known
         inputs = (codex_body or {}).get("input") or [{}]
@@ -746,13 +747,16 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
     headers = {str(k).lower(): v for k, v in dict(headers or {}).items()}
     model, suffix_effort = resolve_model(requested, config.models)
 
-    names = {}   # client tool name -> Codex tool name
-    tools = translate_tools(body.get("tools"), names)
+    refuse_unsupported(body)
+    state = Conversation(model, recall)
+    tools = translate_tools(body.get("tools"), state)
     items = []
     add_developer_message(items, system_texts(body.get("system")))
     for i, message in enumerate(messages):
-        translate_message(items, message, "messages.%d" % i, names, model, recall)
-    items = repair_tool_pairs(items)
+        translate_message(items, message, "messages.%d" % i, state)
+    tools = state.apply_tool_changes(tools)
+    items = manage_context(repair_tool_pairs(items), body.get("context_management"))
+    names = state.names
 
     efforts, lite, window = model_profile(model, catalog)
     entry = (catalog or {}).get(model) if isinstance((catalog or {}).get(model), dict) else {}
@@ -792,9 +796,117 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
     reverse = {codex_name: name for name, codex_name in names.items()}
     context = RequestContext(requested, model, reverse, thinking, stops, cache_key, codex,
                              window or config.context_window, lite, sorted(catalog or BUILTIN_MODELS))
+    limit = body.get("max_tokens")
+    context.max_tokens = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0 else None
     for rule in rules:
         apply_downgrade(codex, context, rule)
     return codex, context
+
+
+def refuse_unsupported(body):
+    """A 400 naming the first request field the proxy cannot honour (README:
+    "Anthropic API compatibility"); every other field works, is emulated, or
+    cannot change the answer."""
+    for field, why, fix in REFUSED_FIELDS:
+        if body.get(field) not in (None, [], {}, ""):
+            raise unsupported(field, why, fix)
+    geo = body.get("inference_geo")
+    if geo not in (None, "", "global"):
+        raise unsupported("inference_geo %r" % str(geo)[:40], "the Codex backend gives no say over where a "
+                          "request is processed", "leave inference_geo out")
+    tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        for prefix, why in REFUSED_TOOLS:
+            if isinstance(kind, str) and kind.startswith(prefix):
+                raise unsupported("tools.%d: the %s tool" % (i, kind), why, "remove it from tools")
+
+
+REFUSED_FIELDS = (
+    ("mcp_servers", "the proxy does not connect to MCP servers for the model",
+     "connect the MCP server in the client (Claude Code does) and send its tools as tools"),
+    ("container", "there is no code execution container on the Codex backend", "leave container out"),
+    ("compaction", "the Codex backend does not compact conversations on request",
+     "let the client compact (Claude Code does so when it reads \"prompt is too long\")"),
+)
+REFUSED_TOOLS = (
+    ("code_execution_", "the Codex backend runs no code for the model"),
+    ("web_fetch_", "the Codex backend fetches no pages for the model (Claude Code's own WebFetch tool works)"),
+    ("computer_", "Codex models are not trained for Anthropic's computer-use actions"),
+    ("mcp_toolset", "the proxy does not connect to MCP servers for the model"),
+    ("advisor_", "there is no advisor model on the Codex backend"),
+)
+
+
+def manage_context(items, config):
+    """context_management edits, done by the proxy as the API would do them:
+    clear_thinking keeps the reasoning of the last N turns only, clear_tool_uses
+    empties old tool results once the input is large."""
+    if config is None:
+        return items
+    edits = config.get("edits") if isinstance(config, dict) else None
+    if not isinstance(edits, list):
+        raise invalid_request("context_management.edits: must be a list.")
+    for i, edit in enumerate(edits):
+        kind = edit.get("type") if isinstance(edit, dict) else None
+        if isinstance(kind, str) and kind.startswith("clear_thinking_"):
+            items = clear_thinking(items, edit.get("keep"))
+        elif isinstance(kind, str) and kind.startswith("clear_tool_uses_"):
+            items = clear_tool_uses(items, edit)
+        else:
+            raise unsupported("context_management.edits.%d %r" % (i, str(kind)[:60]),
+                              "the Codex backend does not compact conversations on request",
+                              "leave that edit out and let the client compact")
+    return items
+
+
+def edit_value(setting, default):
+    value = setting.get("value") if isinstance(setting, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
+
+def clear_thinking(items, keep):
+    if keep in (None, "all"):
+        return items
+    turns = edit_value(keep, 1)
+    turn, reasoning_turns = 0, []
+    for item in items:
+        if item["type"] == "message" and item.get("role") == "user":
+            turn += 1
+        elif item["type"] == "reasoning" and turn not in reasoning_turns:
+            reasoning_turns.append(turn)
+    kept = set(reasoning_turns[len(reasoning_turns) - turns:]) if turns else set()
+    out, turn = [], 0
+    for item in items:
+        if item["type"] == "message" and item.get("role") == "user":
+            turn += 1
+        if item["type"] != "reasoning" or turn in kept:
+            out.append(item)
+    return out
+
+
+CLEARED_RESULT = "[This tool result was cleared to save context.]"
+
+
+def clear_tool_uses(items, edit):
+    if estimate_tokens(items) <= edit_value(edit.get("trigger"), 100000):
+        return items
+    keep = edit_value(edit.get("keep"), 3)
+    excluded = edit.get("exclude_tools") if isinstance(edit.get("exclude_tools"), list) else []
+    excluded = {name for name in excluded if isinstance(name, str)}
+    names = {item["call_id"]: item["name"] for item in items if item["type"] == "function_call"}
+    outputs = [n for n, item in enumerate(items) if item["type"] == "function_call_output"
+               and names.get(item["call_id"]) not in excluded]
+    cleared = set(outputs[:max(len(outputs) - keep, 0)])
+    calls = {items[n]["call_id"] for n in cleared}
+    out = []
+    for n, item in enumerate(items):
+        if n in cleared:
+            item = dict(item, output=CLEARED_RESULT)
+        elif edit.get("clear_tool_inputs") is True and item["type"] == "function_call" and item["call_id"] in calls:
+            item = dict(item, arguments="{}")
+        out.append(item)
+    return out
 
 
 def model_profile(model, catalog):
@@ -931,7 +1043,8 @@ def digest_of(text):
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def translate_tools(tools, names):
+def translate_tools(tools, state):
+    """Anthropic tools -> Codex function tools (and hosted web search)."""
     if tools is None:
         return []
     if not isinstance(tools, list):
@@ -942,23 +1055,130 @@ def translate_tools(tools, names):
             raise invalid_request("tools.%d: must be an object." % i)
         kind = tool.get("type")
         if isinstance(kind, str) and kind.startswith("web_search_"):
-            out.append(web_search_tool(tool))
+            out.append(web_search_tool(tool, "tools.%d" % i))
             continue
-        if kind not in (None, "custom") and "input_schema" not in tool:
-            continue   # other server tools (code execution, web fetch...) have no Codex twin
+        if isinstance(kind, str) and kind.startswith(DEFERRED_TOOLS_SEARCH):
+            continue   # every deferred tool is offered from the start, so nothing needs searching
         name = tool.get("name")
         if not isinstance(name, str) or not name:
             raise invalid_request("tools.%d.name: field required." % i)
-        names[name] = codex_tool_name(name)
-        description = tool.get("description")
-        out.append({
-            "type": "function",
-            "name": names[name],
-            "description": description if isinstance(description, str) else "",
-            "parameters": tool_parameters(tool.get("input_schema")),
-            "strict": False,
-        })
+        definition = client_tool_definition(tool, "tools.%d" % i)
+        out.append(state.declare(name, definition))
     return out
+
+
+def client_tool_definition(tool, path):
+    """A custom tool, or an Anthropic-defined client tool (bash, text editor, memory)
+    with its built-in schema, as {description, input_schema}."""
+    kind = tool.get("type")
+    if kind in (None, "custom") or "input_schema" in tool:
+        description = tool.get("description") if isinstance(tool.get("description"), str) else ""
+        examples = tool.get("input_examples")
+        if isinstance(examples, list) and examples:   # no such field upstream: the model reads them instead
+            description += "\n\nExamples of input:\n" + "\n".join(json.dumps(e, ensure_ascii=False) for e in examples)
+        return description, tool.get("input_schema")
+    for prefix, builtin in BUILTIN_CLIENT_TOOLS.items():
+        if isinstance(kind, str) and kind.startswith(prefix):
+            return builtin
+    raise unsupported("%s: the tool type %r" % (path, str(kind)[:80]),
+                      "it has no counterpart on the Codex backend", "remove it from tools")
+
+
+def unsupported(what, why, fix):
+    """The 400 for an Anthropic feature the proxy cannot honour: what, why, and what to do."""
+    return invalid_request("%s is not supported through codex_proxy: %s. To go on, %s." % (what, why, fix))
+
+
+DEFERRED_TOOLS_SEARCH = ("tool_search_tool_",)
+TEXT_EDITOR_SCHEMA = {"type": "object", "required": ["command", "path"], "properties": {
+    "command": {"type": "string", "enum": ["view", "create", "str_replace", "insert", "undo_edit"]},
+    "path": {"type": "string", "description": "Absolute path to the file or directory."},
+    "file_text": {"type": "string", "description": "create: the content of the new file."},
+    "old_str": {"type": "string", "description": "str_replace: the exact text to replace (must be unique)."},
+    "new_str": {"type": "string", "description": "str_replace: the new text; insert: the text to insert."},
+    "insert_line": {"type": "integer", "description": "insert: the line after which to insert (0 = top)."},
+    "insert_text": {"type": "string", "description": "insert: the text to insert."},
+    "view_range": {"type": "array", "items": {"type": "integer"},
+                   "description": "view: [start, end] line numbers, end -1 for the end of the file."}}}
+MEMORY_SCHEMA = {"type": "object", "required": ["command"], "properties": {
+    "command": {"type": "string", "enum": ["view", "create", "str_replace", "insert", "delete", "rename"]},
+    "path": {"type": "string", "description": "A path under /memories."},
+    "file_text": {"type": "string"}, "old_str": {"type": "string"}, "new_str": {"type": "string"},
+    "insert_line": {"type": "integer"}, "insert_text": {"type": "string"},
+    "old_path": {"type": "string"}, "new_path": {"type": "string"},
+    "view_range": {"type": "array", "items": {"type": "integer"}}}}
+# Anthropic-defined tools that the client runs: the schema Anthropic's servers add, written out.
+BUILTIN_CLIENT_TOOLS = {
+    "bash_": ("Run a bash command in a persistent shell session. Set restart to true to restart the session.",
+              {"type": "object", "properties": {"command": {"type": "string", "description": "The command to run."},
+                                                "restart": {"type": "boolean"}}}),
+    "text_editor_": ("View, create and edit files: view a file or directory, create a file, replace a unique "
+                     "string, insert text after a line, or undo the last edit.", TEXT_EDITOR_SCHEMA),
+    "memory_": ("A memory directory (/memories) that persists across conversations: view, create, edit, "
+                "delete and rename files in it. Check it before starting a task.", MEMORY_SCHEMA),
+}
+
+
+class Conversation:
+    """What translating one request's messages needs to know and collects: tool
+    names, the tools added or removed mid-conversation, hidden reasoning."""
+
+    def __init__(self, model, recall=None):
+        self.model = model
+        self.recall = recall
+        self.names = {}      # client tool name -> Codex tool name
+        self.declared = {}   # client tool name -> its Codex function tool
+        self.changes = []    # ("add" | "remove", client name, Codex tool or None), in order
+
+    def declare(self, name, definition):
+        self.names[name] = codex_tool_name(name)
+        description, schema = definition
+        tool = {"type": "function", "name": self.names[name], "description": description,
+                "parameters": tool_parameters(schema), "strict": False}
+        self.declared[name] = tool
+        return tool
+
+    def tool_change(self, block, path):
+        """A tool_addition / tool_removal block -> the note the model reads at that point."""
+        kind = block.get("type")
+        ref = block.get("tool") if isinstance(block.get("tool"), dict) else {}
+        if ref.get("type") == "tool_definition" and kind == "tool_addition":
+            definition = ref.get("definition") if isinstance(ref.get("definition"), dict) else {}
+            name = definition.get("name")
+            if not isinstance(name, str) or not name:
+                raise invalid_request(path + ".tool.definition.name: field required.")
+            self.names[name] = codex_tool_name(name)
+            description, schema = client_tool_definition(definition, path + ".tool.definition")
+            tool = {"type": "function", "name": self.names[name], "description": description,
+                    "parameters": tool_parameters(schema), "strict": False}
+            self.changes.append(("add", name, tool))
+        elif ref.get("type") == "tool_reference" and isinstance(ref.get("name"), str):
+            name = ref["name"]
+            self.changes.append(("add" if kind == "tool_addition" else "remove", name, None))
+        else:
+            raise unsupported("%s.tool of type %r" % (path, str(ref.get("type"))[:60]),
+                              "MCP servers are not connected by the proxy", "refer to tools by name (tool_reference)")
+        if kind == "tool_addition":
+            return "The tool %s is available from now on." % name
+        return "The tool %s is no longer available; do not call it." % name
+
+    def apply_tool_changes(self, tools):
+        """The tools in force after the last change: what the model may call now."""
+        if not self.changes:
+            return tools
+        offered = collections.OrderedDict((t.get("name"), t) for t in tools)
+        by_client_name = dict(self.declared)
+        for action, name, tool in self.changes:
+            codex_name = self.names.get(name) or codex_tool_name(name)
+            if action == "remove":
+                offered.pop(codex_name, None)
+                continue
+            tool = tool or by_client_name.get(name)
+            if tool is None:
+                raise invalid_request("tool_addition: no tool named %r is declared in tools or defined earlier." % name[:80])
+            by_client_name[name] = tool
+            offered[codex_name] = tool
+        return list(offered.values())
 
 
 def tool_parameters(schema):
@@ -971,7 +1191,10 @@ def tool_parameters(schema):
     return schema
 
 
-def web_search_tool(tool):
+def web_search_tool(tool, path):
+    if tool.get("blocked_domains"):
+        raise unsupported(path + ".blocked_domains", "the Codex backend's web search can only be limited to "
+                          "allowed domains", "use allowed_domains instead, or no list")
     out = {"type": "web_search", "external_web_access": True}
     domains = tool.get("allowed_domains")
     if isinstance(domains, list) and domains:
@@ -999,14 +1222,21 @@ def translate_tool_choice(choice, tools, names):
     return "auto", parallel
 
 
-def system_texts(system):
-    """Top-level system (string or text blocks) -> texts, without the billing line."""
+def system_texts(system, state=None, path="system"):
+    """System text (a string or blocks) -> texts, without the billing line. In a
+    mid-conversation system message, tool_addition / tool_removal blocks change
+    the tools offered (``state``) and leave a note for the model at that point."""
     if isinstance(system, str):
         system = [{"type": "text", "text": system}]
     if not isinstance(system, list):
         return []
     texts = []
-    for block in system:
+    for j, block in enumerate(system):
+        if isinstance(block, dict) and block.get("type") in ("tool_addition", "tool_removal"):
+            if state is None:
+                raise invalid_request("%s.%d: tool changes belong in role: \"system\" messages." % (path, j))
+            texts.append(state.tool_change(block, "%s.%d" % (path, j)))
+            continue
         text = block.get("text") if isinstance(block, dict) else block
         if isinstance(text, str) and text.strip() and not text.startswith(BILLING_HEADER):
             texts.append(text)
@@ -1040,24 +1270,24 @@ def content_blocks(content, path):
     return blocks
 
 
-def translate_message(items, message, path, names, model, recall=None):
+def translate_message(items, message, path, state):
     if not isinstance(message, dict):
         raise invalid_request(path + ": must be an object with role and content.")
     role = message.get("role")
     blocks = content_blocks(message.get("content"), path + ".content")
     if role == "user":
-        translate_user_blocks(items, blocks, names)
+        translate_user_blocks(items, blocks, path + ".content", state)
     elif role == "assistant":
-        translate_assistant_blocks(items, blocks, names, model, recall)
+        translate_assistant_blocks(items, blocks, state)
     elif role == "system":
-        add_developer_message(items, system_texts(blocks))
+        add_developer_message(items, system_texts(blocks, state, path + ".content"))
     else:
         raise invalid_request(path + '.role: must be "user", "assistant" or "system".')
 
 
-def translate_user_blocks(items, blocks, names):
+def translate_user_blocks(items, blocks, path, state):
     parts = []
-    for block in blocks:
+    for j, block in enumerate(blocks):
         kind = block.get("type")
         if kind in ("tool_result", "mid_conv_system"):
             if parts:
@@ -1066,7 +1296,11 @@ def translate_user_blocks(items, blocks, names):
             if kind == "tool_result":
                 items.append(function_call_output(block))
             else:
-                add_developer_message(items, system_texts(block.get("content")))
+                add_developer_message(items, system_texts(block.get("content"), state, "%s.%d.content" % (path, j)))
+        elif kind == "container_upload" or (kind in ("image", "document") and isinstance(block.get("source"), dict)
+                                             and block["source"].get("type") == "file"):
+            raise unsupported("%s.%d: a %s from the Files API (file_id)" % (path, j, kind),
+                              "the proxy has no Files API to read it from", "send the content inline (base64)")
         else:
             parts.extend(input_parts(block))
     if parts:
@@ -1091,7 +1325,7 @@ def input_parts(block):
         return [input_text("Tool loaded: %s" % block.get("tool_name"))]
     if kind in ("thinking", "redacted_thinking"):
         return []
-    return [input_text("[%s block omitted]" % str(kind)[:64])]
+    return [input_text(history_text(block))]
 
 
 def input_text(text):
@@ -1151,12 +1385,14 @@ def function_call_output(block):
             "output": output}
 
 
-def translate_assistant_blocks(items, blocks, names, model, recall=None):
+def translate_assistant_blocks(items, blocks, state):
     parts = []
-    if recall and not any(b.get("type") == "thinking" and signature_content(b.get("signature"), model)
-                          for b in blocks):
+    model, names = state.model, state.names
+    if state.recall and not any(b.get("type") == "thinking" and signature_content(b.get("signature"), model)
+                                for b in blocks):
         # The client hid thinking: the reasoning behind these tool calls comes from the cache.
-        recalled = [recall(b.get("id"), model) for b in blocks if b.get("type") == "tool_use"]
+        recalled = [state.recall(b["id"], model) for b in blocks
+                    if b.get("type") == "tool_use" and isinstance(b.get("id"), str)]
         for encrypted in sorted(set(filter(None, recalled)), key=recalled.index):
             items.append({"type": "reasoning", "summary": [], "encrypted_content": encrypted})
 
@@ -1188,11 +1424,36 @@ def translate_assistant_blocks(items, blocks, names, model, recall=None):
                 text = block.get("thinking")
                 summary = [{"type": "summary_text", "text": text}] if isinstance(text, str) and text else []
                 items.append({"type": "reasoning", "summary": summary, "encrypted_content": encrypted})
-        elif kind in ("redacted_thinking", "server_tool_use") or str(kind).endswith("_tool_result"):
-            continue   # foreign reasoning, or server-side tool history this backend cannot replay
+        elif kind == "redacted_thinking":
+            continue   # Anthropic's own encrypted reasoning: no other model can read it
         else:
-            parts.append({"type": "output_text", "text": "[%s block omitted]" % str(kind)[:64]})
+            text = history_text(block)
+            if text:
+                parts.append({"type": "output_text", "text": text})
     flush()
+
+
+def history_text(block):
+    """An assistant block this backend cannot replay as such (server tool calls and
+    results, MCP calls, compaction summaries, anything newer) as the text it says."""
+    kind = str(block.get("type"))[:64]
+    if kind == "compaction":
+        content = block.get("content")
+        return "Summary of the earlier conversation:\n" + content if isinstance(content, str) and content else ""
+    if kind in ("server_tool_use", "mcp_tool_use"):
+        return "[%s %s called with %s]" % (kind, block.get("name"), brief_json(block.get("input")))
+    if kind == "web_search_tool_result" and isinstance(block.get("content"), list):
+        pages = ["%s <%s>" % (r.get("title") or r.get("url"), r.get("url")) for r in block["content"]
+                 if isinstance(r, dict) and r.get("url")]
+        return "[web search results: %s]" % ("; ".join(pages) or "none")
+    if kind.endswith("_tool_result"):
+        return "[%s: %s]" % (kind, brief_json(block.get("content")))
+    return "[%s block: %s]" % (kind, brief_json({k: v for k, v in block.items() if k != "type"}))
+
+
+def brief_json(value, limit=2000):
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def thinking_signature(model, encrypted_content):
@@ -1854,7 +2115,10 @@ class ResponseTranslator:
             if item.block is not None:   # a call that never got its name cannot be run: dropped, as Codex does
                 arguments = payload.get("arguments")
                 if not item.sent_args and isinstance(arguments, str) and arguments:
+                    arguments, over = self._within_budget(arguments)
                     self._delta(item, {"type": "input_json_delta", "partial_json": arguments})
+                    if over:
+                        self._cut(item)
                 self.tool_use = True
         if item.block is not None and not self.finished:
             self._close(item)
@@ -1881,10 +2145,28 @@ class ResponseTranslator:
             item.pending += text
             if not item.pending.strip():
                 return   # never a whitespace-only text block
-            self._open(item, {"type": "text", "text": ""})
             text, item.pending = item.pending, ""
-        self.output_chars += len(text)
-        self._delta(item, {"type": "text_delta", "text": text})
+        text, over = self._within_budget(text)
+        if text:
+            if item.block is None:
+                self._open(item, {"type": "text", "text": ""})
+            self._delta(item, {"type": "text_delta", "text": text})
+        if over:
+            self._cut(item)
+
+    def _within_budget(self, text):
+        """-> (the part of ``text`` within max_tokens, True if that cut it). The backend
+        takes no output limit, so the proxy keeps it, estimating 4 characters a token."""
+        limit = self.ctx.max_tokens
+        room = len(text) if limit is None else max(limit * 4 - self.output_chars, 0)
+        self.output_chars += min(len(text), room)
+        return (text, False) if len(text) <= room else (text[:room], True)
+
+    def _cut(self, item):
+        """End the message at max_tokens; the relay then stops reading the upstream."""
+        self._close(item)
+        self.cut_short = True
+        self._message_end("max_tokens", None, None)
 
     def _scan_stops(self, item, delta):
         """-> (text safe to emit now, matched stop sequence or None)."""
@@ -1912,18 +2194,24 @@ class ResponseTranslator:
         if item.section_break:
             delta, item.section_break = "\n\n" + delta, False
         item.wrote_thinking = True
-        self.output_chars += len(delta)
-        self._delta(item, {"type": "thinking_delta", "thinking": delta})
+        delta, over = self._within_budget(delta)
+        if delta:
+            self._delta(item, {"type": "thinking_delta", "thinking": delta})
+        if over:
+            self._cut(item)
 
     def _arguments(self, item, delta):
         if not isinstance(delta, str) or not delta:
             return
-        self.output_chars += len(delta)
+        delta, over = self._within_budget(delta)
         if item.block == "tool_use":
             item.sent_args = True
-            self._delta(item, {"type": "input_json_delta", "partial_json": delta})
+            if delta:
+                self._delta(item, {"type": "input_json_delta", "partial_json": delta})
         else:
             item.args += delta
+        if over:
+            self._cut(item)
 
     def _search_done(self, payload):
         action = payload.get("action") if isinstance(payload.get("action"), dict) else {}

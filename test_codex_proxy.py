@@ -1071,11 +1071,11 @@ class TestRequestTranslation(unittest.TestCase):
         tail = json.loads(fixture("claude-code", "32-toolsearch-tool-reference.json").read_text())["messages_tail"]
         codex, _ = translate(dict(BASIC, messages=[user("go")] + tail + [
             {"role": "assistant", "content": [{"type": "mystery_block", "x": 1}]},
-            {"role": "user", "content": [{"type": "container_upload", "file_id": "f"}]}]))
+            {"role": "user", "content": [{"type": "mystery_block", "y": 2}]}]))
         self.assertEqual(codex["input"][3]["output"], "Tool loaded: WebFetch\nTool loaded: NotebookEdit")
         self.assertEqual(codex["input"][4]["content"], [{"type": "input_text", "text": "Tool loaded."}])
-        self.assertEqual(codex["input"][5]["content"][0]["text"], "[mystery_block block omitted]")
-        self.assertEqual(codex["input"][6]["content"][0]["text"], "[container_upload block omitted]")
+        self.assertEqual(codex["input"][5]["content"][0]["text"], '[mystery_block block: {"x": 1}]')
+        self.assertEqual(codex["input"][6]["content"][0]["text"], '[mystery_block block: {"y": 2}]')
         self.assertIsNone(codex_request_problem(codex, set()))
 
     def test_orphan_tool_output_and_missing_output_are_repaired(self):
@@ -1103,7 +1103,7 @@ class TestRequestTranslation(unittest.TestCase):
         tools = [dict(BASH_TOOL, cache_control={"type": "ephemeral"}, eager_input_streaming=True),
                  {"name": "DeferredToolPlaceholder", "description": "d", "defer_loading": True,
                   "input_schema": {"type": "object"}},
-                 {"type": "code_execution_20250825", "name": "code_execution"}]
+                 {"type": "tool_search_tool_regex_20251119", "name": "tool_search_tool_regex"}]
         codex, _ = translate(dict(BASIC, tools=tools))
         self.assertEqual(codex["tools"], [
             {"type": "function", "name": "Bash", "description": "Run a command", "strict": False,
@@ -2967,6 +2967,227 @@ class TestHiddenReasoning(unittest.TestCase):
         self.assertLessEqual(cache.bytes, 50000)
         self.assertIsNotNone(cache.recall("call_999", "gpt-5.5", None))
         self.assertIsNone(cache.recall("call_0", "gpt-5.5", None))
+
+
+def turns(*blocks):
+    """A conversation whose assistant turn holds ``blocks``, then a user question."""
+    return [user("go"), {"role": "assistant", "content": list(blocks)}, user("and now?")]
+
+
+def upstream_texts(codex):
+    return [part.get("text") for item in codex["input"] if item["type"] == "message"
+            for part in item["content"] if "text" in part]
+
+
+def has_no(*fields):
+    return lambda test, codex, context: [test.assertNotIn(f, json.dumps(codex)) for f in fields]
+
+
+TOOL_CHANGES = [user("go"),
+                {"role": "system", "content": [{"type": "tool_removal", "tool": {"type": "tool_reference", "name": "Bash"}},
+                                               {"type": "tool_addition", "tool": {"type": "tool_definition", "definition": {
+                                                   "name": "Deploy", "description": "Deploy the app",
+                                                   "input_schema": {"type": "object", "properties": {}}}}}]},
+                user("deploy it")]
+FILE_IMAGE = {"type": "image", "source": {"type": "file", "file_id": "file_1"}}
+BIG_HISTORY = [user("go")] + [m for n in range(6) for m in (
+    {"role": "assistant", "content": [{"type": "tool_use", "id": "call_%d" % n, "name": "Bash", "input": {"command": "ls"}}]},
+    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_%d" % n, "content": "x" * 400}]})]
+
+# Every row of the README's "Anthropic API compatibility" table: (the name in its first column, the
+# verdict, what a request adds to BASIC, and a check of the upstream body, or for "refused" a text the
+# 400 must contain).
+COMPATIBILITY = [
+    ("model", "works", {}, lambda t, c, x: t.assertEqual((c["model"], x.requested_model), ("gpt-5.5", "claude-opus-4-8"))),
+    ("max_tokens", "emulated", {"max_tokens": 7}, lambda t, c, x: t.assertEqual(x.max_tokens, 7)),
+    ("messages", "works", {}, lambda t, c, x: t.assertEqual(upstream_texts(c), ["hi"])),
+    ("system", "works", {"system": "Be terse."}, lambda t, c, x: t.assertEqual(upstream_texts(c)[0], "Be terse.")),
+    ("stream", "works", {"stream": True}, lambda t, c, x: t.assertIs(c["stream"], True)),
+    ("stop_sequences", "emulated", {"stop_sequences": ["END"]}, lambda t, c, x: t.assertEqual(x.stop_sequences, ["END"])),
+    ("temperature", "ignored", {"temperature": 0.2}, has_no("temperature")),
+    ("top_p", "ignored", {"top_p": 0.9}, has_no("top_p")),
+    ("top_k", "ignored", {"top_k": 5}, has_no("top_k")),
+    ("metadata", "works", {"metadata": {"user_id": "u-1"}}, has_no("u-1")),
+    ("tools", "works", {"tools": [BASH_TOOL]}, lambda t, c, x: t.assertEqual(c["tools"][0]["name"], "Bash")),
+    ("tool_choice", "works", {"tools": [BASH_TOOL], "tool_choice": {"type": "any"}},
+     lambda t, c, x: t.assertEqual(c["tool_choice"], "required")),
+    ("thinking", "works", {"thinking": {"type": "enabled", "budget_tokens": 20000}},
+     lambda t, c, x: t.assertEqual(c["reasoning"], {"effort": "high", "summary": "auto"})),
+    ("output_config", "works", {"output_config": {"effort": "low", "format": {"type": "json_schema", "schema": {"type": "object"}}}},
+     lambda t, c, x: t.assertEqual((c["reasoning"]["effort"], c["text"]["format"]["type"]), ("low", "json_schema"))),
+    ("output_format", "works", {"output_format": {"type": "json_schema", "schema": {"type": "object"}}},
+     lambda t, c, x: t.assertEqual(c["text"]["format"]["schema"], {"type": "object"})),
+    ("service_tier", "ignored", {"service_tier": "standard_only"}, has_no("service_tier", "standard_only")),
+    ("cache_control", "ignored", {"cache_control": {"type": "ephemeral"}}, has_no("cache_control", "ephemeral")),
+    ("speed", "ignored", {"speed": "fast"}, has_no("speed", "priority")),
+    ("fallbacks", "ignored", {"fallbacks": [{"model": "claude-haiku-4-5"}]}, has_no("fallbacks", "haiku")),
+    ("diagnostics", "ignored", {"diagnostics": {"cache": True}}, has_no("diagnostics")),
+    ("context_management", "emulated", {"context_management": {"edits": [{"type": "clear_tool_uses_20250919",
+     "trigger": {"type": "input_tokens", "value": 100}, "keep": {"type": "tool_uses", "value": 2}}]},
+     "tools": [BASH_TOOL], "messages": BIG_HISTORY},
+     lambda t, c, x: t.assertEqual([i["output"] == cp.CLEARED_RESULT for i in c["input"] if i["type"] == "function_call_output"],
+                                   [True] * 4 + [False] * 2)),
+    ("thread", "works", {}, lambda t, c, x: t.assertIsNone(x.thread_turn)),   # the store itself: TestMessageThreads
+    ("inference_geo", "refused", {"inference_geo": "us"}, "inference_geo"),
+    ("container", "refused", {"container": "cntr_1"}, "container"),
+    ("mcp_servers", "refused", {"mcp_servers": [{"type": "url", "name": "m", "url": "https://m.example"}]}, "mcp_servers"),
+    ("compaction", "refused", {"compaction": {"trigger": 1000}}, "compaction"),
+    ("compact_20260112", "refused", {"context_management": {"edits": [{"type": "compact_20260112"}]}}, "compact_20260112"),
+    # content blocks
+    ("text", "works", {"messages": [{"role": "user", "content": [{"type": "text", "text": "cited", "citations": [
+        {"type": "char_location", "cited_text": "c", "document_index": 0, "start_char_index": 0, "end_char_index": 1}]}]}]},
+     lambda t, c, x: t.assertEqual(upstream_texts(c), ["cited"])),
+    ("image", "works", {"messages": [{"role": "user", "content": [{"type": "image", "source": {
+        "type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]},
+     lambda t, c, x: t.assertEqual(c["input"][0]["content"][0]["image_url"], "data:image/png;base64,AAAA")),
+    ("document", "works", {"messages": [{"role": "user", "content": [PDF_BLOCK]}]},
+     lambda t, c, x: t.assertEqual(c["input"][0]["content"][0]["type"], "input_file")),
+    ("file_id sources", "refused", {"messages": [{"role": "user", "content": [FILE_IMAGE]}]}, "Files API"),
+    ("container_upload", "refused", {"messages": [{"role": "user", "content": [{"type": "container_upload", "file_id": "f"}]}]},
+     "container_upload"),
+    ("search_result", "emulated", {"messages": [{"role": "user", "content": [{"type": "search_result", "title": "T",
+     "source": "https://s.example", "content": [{"type": "text", "text": "found"}]}]}]},
+     lambda t, c, x: t.assertEqual(upstream_texts(c), ["T\nhttps://s.example\nfound"])),
+    ("tool_use", "works", {"tools": [BASH_TOOL], "messages": TOOL_USE_TURN},
+     lambda t, c, x: t.assertIn("function_call", [i["type"] for i in c["input"]])),
+    ("tool_result", "works", {"tools": [BASH_TOOL], "messages": TOOL_USE_TURN},
+     lambda t, c, x: t.assertEqual(c["input"][-1], {"type": "function_call_output", "call_id": "toolu_1", "output": "a.txt"})),
+    ("thinking blocks", "works", {"messages": turns({"type": "thinking", "thinking": "hm", "signature": cp.thinking_signature(
+        "gpt-5.5", "gAAAAB-x")}, {"type": "text", "text": "ok"})},
+     lambda t, c, x: t.assertEqual([i["type"] for i in c["input"]], ["message", "reasoning", "message", "message"])),
+    ("redacted_thinking", "ignored", {"messages": turns({"type": "redacted_thinking", "data": "EuYBCkQ"}, {"type": "text", "text": "ok"})},
+     has_no("EuYBCkQ")),
+    ("server_tool_use", "emulated", {"messages": turns({"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search",
+     "input": {"query": "q"}}, {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": [
+         {"type": "web_search_result", "url": "https://a.example", "title": "A", "encrypted_content": "e"}]})},
+     lambda t, c, x: t.assertEqual(upstream_texts(c)[1:3], ['[server_tool_use web_search called with {"query": "q"}]',
+                                                             "[web search results: A <https://a.example>]"])),
+    ("mcp_tool_use", "emulated", {"messages": turns({"type": "mcp_tool_use", "id": "m1", "name": "lookup", "server_name": "s",
+     "input": {}}, {"type": "mcp_tool_result", "tool_use_id": "m1", "content": [{"type": "text", "text": "r"}]})},
+     lambda t, c, x: t.assertIn("[mcp_tool_use lookup called with {}]", upstream_texts(c))),
+    ("compaction blocks", "emulated", {"messages": turns({"type": "compaction", "content": "We fixed the bug."})},
+     lambda t, c, x: t.assertIn("Summary of the earlier conversation:\nWe fixed the bug.", upstream_texts(c))),
+    ("mid_conv_system", "works", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {
+        "type": "mid_conv_system", "content": [{"type": "text", "text": "Note this."}]}]}]},
+     lambda t, c, x: t.assertEqual(c["input"][1]["role"], "developer")),
+    ("role: system messages", "works", {"messages": [user("a"), {"role": "system", "content": "Later rule."}]},
+     lambda t, c, x: t.assertEqual((c["input"][1]["role"], upstream_texts(c)[1]), ("developer", "Later rule."))),
+    ("tool_addition / tool_removal", "works", {"tools": [BASH_TOOL], "messages": TOOL_CHANGES},
+     lambda t, c, x: t.assertEqual([tool["name"] for tool in c["tools"]], ["Deploy"])),
+    ("tool_reference", "emulated", {"tools": [BASH_TOOL], "messages": [user("go"), {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "call_s", "name": "Bash", "input": {}}]}, {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "call_s", "content": [{"type": "tool_reference", "tool_name": "Bash"}]}]}]},
+     lambda t, c, x: t.assertEqual(c["input"][-1]["output"], "Tool loaded: Bash")),
+    ("other block types", "emulated", {"messages": [user("a"), {"role": "user", "content": [{"type": "fallback", "x": 1}]}]},
+     lambda t, c, x: t.assertIn('[fallback block: {"x": 1}]', upstream_texts(c))),
+    # tools
+    ("custom tool fields", "works", {"tools": [dict(BASH_TOOL, strict=True, cache_control={"type": "ephemeral"},
+                                                  eager_input_streaming=True, allowed_callers=["direct"])]},
+     has_no("cache_control", "eager_input_streaming", "allowed_callers")),
+    ("input_examples", "emulated", {"tools": [dict(BASH_TOOL, input_examples=[{"command": "ls -la"}])]},
+     lambda t, c, x: t.assertIn('Examples of input:\n{"command": "ls -la"}', c["tools"][0]["description"])),
+    ("defer_loading", "emulated", {"tools": [dict(BASH_TOOL, defer_loading=True)]},
+     lambda t, c, x: t.assertEqual((c["tools"][0]["name"], "defer_loading" in c["tools"][0]), ("Bash", False))),
+    ("web_search", "works", {"tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3,
+                                       "allowed_domains": ["docs.python.org"]}]},
+     lambda t, c, x: t.assertEqual(c["tools"][0]["filters"], {"allowed_domains": ["docs.python.org"]})),
+    ("blocked_domains", "refused", {"tools": [{"type": "web_search_20250305", "name": "web_search",
+                                              "blocked_domains": ["x.example"]}]}, "blocked_domains"),
+    ("bash", "emulated", {"tools": [{"type": "bash_20250124", "name": "bash"}]},
+     lambda t, c, x: t.assertEqual(sorted(c["tools"][0]["parameters"]["properties"]), ["command", "restart"])),
+    ("text_editor", "emulated", {"tools": [{"type": "text_editor_20250728", "name": "str_replace_based_edit_tool"}]},
+     lambda t, c, x: t.assertEqual(c["tools"][0]["parameters"]["required"], ["command", "path"])),
+    ("memory", "emulated", {"tools": [{"type": "memory_20250818", "name": "memory"}]},
+     lambda t, c, x: t.assertIn("rename", c["tools"][0]["parameters"]["properties"]["command"]["enum"])),
+    ("tool_search_tool", "emulated", {"tools": [BASH_TOOL, {"type": "tool_search_tool_bm25_20251119", "name": "tool_search_tool_bm25"}]},
+     lambda t, c, x: t.assertEqual([tool["name"] for tool in c["tools"]], ["Bash"])),
+    ("web_fetch", "refused", {"tools": [{"type": "web_fetch_20250910", "name": "web_fetch"}]}, "web_fetch_20250910"),
+    ("code_execution", "refused", {"tools": [{"type": "code_execution_20250825", "name": "code_execution"}]}, "code_execution"),
+    ("computer", "refused", {"tools": [{"type": "computer_20250124", "name": "computer", "display_width_px": 1024}]}, "computer"),
+    ("mcp_toolset", "refused", {"tools": [{"type": "mcp_toolset", "mcp_server_name": "s"}]}, "mcp_toolset"),
+    ("advisor", "refused", {"tools": [{"type": "advisor_20260301", "name": "advisor"}]}, "advisor"),
+    ("other tool types", "refused", {"tools": [{"type": "hologram_20270101", "name": "hologram"}]}, "hologram_20270101"),
+]
+
+
+class TestAnthropicCompatibility(ProxyCase):
+    """Nothing is dropped silently: each request field, block and tool works, is
+    emulated, cannot change the answer, or is refused with a 400 naming it."""
+
+    def test_every_row_does_what_the_readme_says(self):
+        for name, verdict, extra, check in COMPATIBILITY:
+            with self.subTest(feature=name):
+                body = dict(BASIC, **extra)
+                if verdict == "refused":
+                    with self.assertRaises(cp.ProxyError) as caught:
+                        translate(body)
+                    self.assertEqual(caught.exception.status, 400)
+                    self.assertIn(check, caught.exception.message)
+                    self.assertIn("is not supported through codex_proxy", caught.exception.message)
+                    continue
+                codex, context = translate(body)
+                check(self, codex, context)
+                self.assertIsNone(codex_request_problem(codex, {"gAAAAB-x", "gAAAAB-unknown"}), name)
+
+    def test_the_readme_table_lists_exactly_these_rows(self):
+        readme = (HERE / "README.md").read_text()
+        table = readme.split("## Anthropic API compatibility", 1)[1].split("\n## ", 1)[0]
+        rows = re.findall(r"^\| `?([^|`]+?)`? \| (works|emulated|ignored|refused)\b", table, re.M)
+        self.assertEqual(sorted(rows), sorted((name, verdict) for name, verdict, _, _ in COMPATIBILITY))
+
+    def test_a_refused_feature_gets_a_400_over_the_wire_and_nothing_upstream(self):
+        answer = self.post(dict(BASIC, tools=[{"type": "code_execution_20250825", "name": "code_execution"}]))
+        self.assertEqual(answer.status, 400)
+        self.assertEqual(answer.json()["error"]["type"], "invalid_request_error")
+        self.assertIn("tools.0: the code_execution_20250825 tool is not supported", answer.json()["error"]["message"])
+        self.assertEqual(self.fake.requests, [])
+
+    def test_max_tokens_cuts_the_reply_with_stop_reason_max_tokens(self):
+        self.fake.reply(self.fake.turn().text("0123456789" * 20, pieces=10).completed())
+        message = cp.fold_message(self.stream(dict(BASIC, max_tokens=10)))
+        self.assertEqual(message["content"], [{"type": "text", "text": ("0123456789" * 4)}])
+        self.assertEqual(message["stop_reason"], "max_tokens")
+        self.fake.reply(self.fake.turn().text("short").completed())
+        self.assertEqual(self.post(dict(BASIC, max_tokens=10)).json()["stop_reason"], "end_turn")
+
+    def test_a_tool_added_mid_conversation_is_callable_and_a_removed_one_is_not(self):
+        self.fake.reply(self.fake.turn().tool_call("Deploy", {}, call_id="call_d").completed())
+        answer = self.post(dict(BASIC, tools=[BASH_TOOL], messages=TOOL_CHANGES))
+        self.assertEqual(answer.json()["content"][0]["name"], "Deploy")
+        sent = self.sent()
+        self.assertEqual([t["name"] for t in sent["tools"]], ["Deploy"])
+        notes = [p["text"] for i in sent["input"] if i.get("role") == "developer" for p in i["content"]]
+        self.assertEqual(notes, ["The tool Bash is no longer available; do not call it.",
+                                 "The tool Deploy is available from now on."])
+        readd = TOOL_CHANGES + [{"role": "system", "content": [
+            {"type": "tool_addition", "tool": {"type": "tool_reference", "name": "Bash"}}]}]
+        codex, _ = translate(dict(BASIC, tools=[BASH_TOOL], messages=readd))
+        self.assertEqual([t["name"] for t in codex["tools"]], ["Deploy", "Bash"])
+
+    def test_clear_thinking_keeps_the_reasoning_of_the_last_turns(self):
+        signed = lambda n: {"type": "thinking", "thinking": "", "signature": cp.thinking_signature("gpt-5.5", "gAAAAB-%d" % n)}
+        messages = [m for n in range(3) for m in (user("q%d" % n), {"role": "assistant", "content": [signed(n), {"type": "text", "text": "a"}]})]
+        for keep, expected in (("all", [0, 1, 2]), ({"type": "thinking_turns", "value": 1}, [2]),
+                               ({"type": "thinking_turns", "value": 2}, [1, 2])):
+            codex, _ = translate(dict(BASIC, messages=messages + [user("q")], context_management={
+                "edits": [{"type": "clear_thinking_20251015", "keep": keep}]}))
+            self.assertEqual([i["encrypted_content"] for i in codex["input"] if i["type"] == "reasoning"],
+                             ["gAAAAB-%d" % n for n in expected], keep)
+
+    def test_every_beta_flag_is_accepted(self):
+        flags = ("claude-code-20250219,oauth-2025-04-20,interleaved-thinking-2025-05-14,fine-grained-tool-streaming-2025-05-14,"
+                 "context-management-2025-06-27,context-1m-2025-08-07,effort-2025-11-24,advanced-tool-use-2025-11-20,"
+                 "prompt-caching-scope-2026-01-05,extended-cache-ttl-2025-04-11,cache-diagnosis-2026-04-07,"
+                 "redact-thinking-2026-02-12,thinking-token-count-2026-05-13,mid-conversation-system-2026-04-07,"
+                 "mid-conversation-tool-changes-2026-07-01,inline-tools-2026-09-15,advisor-tool-2026-03-01,"
+                 "fast-mode-2026-02-01,server-side-fallback-2026-06-01,fallback-credit-2026-06-01,"
+                 "structured-outputs-2025-12-15,prompt-caching-2024-07-31,token-efficient-tools-2025-02-19,"
+                 "output-128k-2025-02-19,token-counting-2024-11-01,pdfs-2024-09-25,message-threads-2026-08-12,"
+                 "per-turn-control-2026-07-01,thinking-display-updates-2026-08-18,unknown-flag-2099-01-01")
+        self.fake.reply(self.fake.turn().text("ok").completed())
+        answer = self.post(BASIC, headers={"anthropic-beta": flags})
+        self.assertEqual(answer.status, 200)
+        self.assertNotIn("anthropic-beta", self.fake.requests[0]["headers"])
 
 
 # ---------------------------------------------------------------------------
