@@ -183,6 +183,99 @@ def write_private_file(path, text, mode=0o600):
         raise
 
 
+# -- Outgoing connections: proxies and certificate authorities -------------
+# Every call the proxy makes (the backend, the model catalog, OAuth) goes out
+# through outbound_connection(), so HTTPS_PROXY / HTTP_PROXY / NO_PROXY and
+# SSL_CERT_FILE / SSL_CERT_DIR hold for all of them, as in the Codex CLI.
+
+PROXY_VARIABLES = ("https_proxy", "http_proxy", "all_proxy")
+
+
+def proxy_for(scheme, host, port):
+    """The proxy URL for a request to scheme://host:port (the usual environment
+    rules: HTTPS_PROXY or HTTP_PROXY by scheme, NO_PROXY hosts, domains, ports, *), or None."""
+    if not any(name.lower() in PROXY_VARIABLES for name in os.environ):
+        return None   # the common case, without importing urllib
+    import urllib.request
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get(scheme) or proxies.get("all")
+    if not url or urllib.request.proxy_bypass_environment("%s:%d" % (host, port), proxies):
+        return None
+    if "://" not in url:
+        url = "http://" + url
+    if urlsplit(url).scheme != "http" or not urlsplit(url).hostname:
+        raise SystemExit("%s_PROXY must be an http:// proxy URL (such as http://proxy.example:3128), not %r."
+                         % (scheme.upper(), shown_proxy(url)))
+    return url
+
+
+def shown_proxy(url):
+    """A proxy URL as it may be shown: without its credentials."""
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    return "%s://%s%s" % (parts.scheme, parts.hostname or "?", ":%d" % parts.port if parts.port else "")
+
+
+def outbound_summary(config):
+    """One line saying how the proxy reaches the backend and the login server."""
+    routes = []
+    for url in (config.upstream, config.issuer):
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        proxy = proxy_for(parts.scheme, parts.hostname or "", port)
+        routes.append("%s %s" % (parts.hostname, "through the proxy " + shown_proxy(proxy) if proxy else "directly"))
+    cas = [name for name in ("SSL_CERT_FILE", "SSL_CERT_DIR") if os.environ.get(name)]
+    return "Connecting to %s%s." % (" and ".join(routes), "; trusting %s too" % " and ".join(cas) if cas else "")
+
+
+_tls_contexts = {}
+
+
+def tls_context():
+    """The TLS settings for every outgoing connection: the system's CAs, plus
+    SSL_CERT_FILE / SSL_CERT_DIR where set (a company's own CA, say)."""
+    key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    context = _tls_contexts.get(key)
+    if context is None:
+        import ssl   # only when talking TLS; keeps plain-HTTP start-up lean
+        context = ssl.create_default_context()
+        try:
+            if key[0]:
+                context.load_verify_locations(cafile=key[0])
+            if key[1]:
+                context.load_verify_locations(capath=key[1])
+        except (OSError, ssl.SSLError) as exc:
+            raise SystemExit("Cannot read the certificates in SSL_CERT_FILE / SSL_CERT_DIR (%s)." % exc)
+        _tls_contexts[key] = context
+    return context
+
+
+def outbound_connection(scheme, host, port, timeout, proxy=None):
+    """An http.client connection to host:port; through ``proxy`` when given: a
+    CONNECT tunnel for HTTPS (kept open and reused like a direct connection),
+    absolute URLs for plain HTTP. Callers send ``conn.target(path)`` as the path."""
+    tunnel_headers = {}
+    if proxy:
+        parts = urlsplit(proxy)
+        if parts.username is not None:
+            from urllib.parse import unquote
+            pair = "%s:%s" % (unquote(parts.username), unquote(parts.password or ""))
+            tunnel_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+        address = (parts.hostname, parts.port or 80)
+    else:
+        address = (host, port)
+    if scheme == "https":
+        conn = http.client.HTTPSConnection(address[0], address[1], timeout=timeout, context=tls_context())
+        if proxy:
+            conn.set_tunnel(host, port, tunnel_headers)
+        conn.target = lambda path: path
+    else:
+        conn = http.client.HTTPConnection(address[0], address[1], timeout=timeout)
+        origin = "http://%s:%d" % (host, port) if proxy else ""
+        conn.target = lambda path: origin + path
+        conn.proxy_headers = tunnel_headers
+    return conn
+
+
 class ProxyError(Exception):
     """An error answered to the client in Anthropic's shape.
 
@@ -428,23 +521,29 @@ def b64url(data):
 
 def oauth_post(url, fields=None, doc=None, timeout=30):
     """POST a form or JSON document; return (status, parsed JSON or None, raw text)."""
-    import urllib.error
-    import urllib.parse
-    import urllib.request
     if doc is not None:
         data, kind = json.dumps(doc).encode("utf-8"), "application/json"
     else:
-        data, kind = urllib.parse.urlencode(fields).encode("ascii"), "application/x-www-form-urlencoded"
-    request = urllib.request.Request(url, data=data, method="POST", headers={
-        "Content-Type": kind, "Accept": "application/json", "originator": ORIGINATOR,
-        "User-Agent": "%s/%s codex-proxy/%s" % (ORIGINATOR, CODEX_CLIENT_VERSION, __version__)})
+        from urllib.parse import urlencode
+        data, kind = urlencode(fields).encode("ascii"), "application/x-www-form-urlencoded"
+    headers = {"Content-Type": kind, "Accept": "application/json", "originator": ORIGINATOR,
+               "User-Agent": "%s/%s codex-proxy/%s" % (ORIGINATOR, CODEX_CLIENT_VERSION, __version__)}
+    parts = urlsplit(url)
+    conn = None
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, raw = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    except (OSError, ValueError) as exc:
-        raise LoginError("Cannot reach %s (%s). Check your network connection." % (url, describe(exc)))
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        conn = outbound_connection(parts.scheme, parts.hostname, port, timeout,
+                                   proxy_for(parts.scheme, parts.hostname, port))
+        headers.update(getattr(conn, "proxy_headers", None) or {})
+        conn.request("POST", conn.target(parts.path + ("?" + parts.query if parts.query else "")), data, headers)
+        response = conn.getresponse()
+        status, raw = response.status, response.read()
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        raise LoginError("Cannot reach %s (%s). Check your network connection%s." % (
+            url, describe(exc), " and HTTPS_PROXY" if proxy_for(parts.scheme, parts.hostname or "", 443) else ""))
+    finally:
+        if conn is not None:
+            conn.close()
     text = raw.decode("utf-8", "replace")
     try:
         parsed = json.loads(text)
@@ -2433,6 +2532,7 @@ class CodexClient:
         self.host = url.hostname
         self.port = url.port or (443 if self.https else 80)
         self.base = url.path.rstrip("/")                          # /backend-api/codex
+        self.proxy = proxy_for(url.scheme, self.host, self.port)
         self.usage_path = self.base.rsplit("/", 1)[0] + "/wham/usage"   # /backend-api/wham/usage
         self._idle = []
         self._lock = threading.Lock()
@@ -2542,7 +2642,9 @@ class CodexClient:
 
     def _exchange(self, conn, method, path, payload, headers):
         conn.sock.settimeout(self.config.first_byte_timeout)
-        conn.request(method, path, payload, headers)
+        if getattr(conn, "proxy_headers", None):
+            headers = dict(headers, **conn.proxy_headers)
+        conn.request(method, conn.target(path), payload, headers)
         return conn.getresponse()
 
     def _acquire(self, fresh=False):
@@ -2550,12 +2652,8 @@ class CodexClient:
             with self._lock:
                 if self._idle:
                     return self._idle.pop(), True
-        if self.https:
-            import ssl   # only when talking TLS; keeps plain-HTTP start-up lean
-            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.config.connect_timeout,
-                                               context=ssl.create_default_context())
-        else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.config.connect_timeout)
+        conn = outbound_connection("https" if self.https else "http", self.host, self.port,
+                                   self.config.connect_timeout, self.proxy)
         conn.connect()
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn, False
@@ -3927,6 +4025,8 @@ def cmd_start(args):
     else:
         print("Not logged in yet: run `python codex_proxy.py login` before the first request.")
     print("Models: " + ", ".join("%s -> %s" % item for item in sorted(config.models.items())))
+    if server.codex.proxy:
+        print(outbound_summary(config))
     if config.verbose or config.log_file:
         print("Logging one line per request%s." % (" to " + config.log_file if config.log_file else ""))
     print("\nIn the shell where you run claude, set:\n")
@@ -4217,6 +4317,7 @@ class Doctor:
         except ProxyError as exc:
             self.check(False, exc.message, "run `python codex_proxy.py login`")
             return self.failures
+        self.check(True, outbound_summary(config))
         client = CodexClient(config, store)
         try:
             catalog = ModelCatalog(config, client).refresh()

@@ -421,8 +421,19 @@ class FakeServer:
         self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
+    scheme = "http"
+
     def start(self):
         self.thread.start()
+        return self
+
+    def use_tls(self, certfile, keyfile):
+        """Serve HTTPS with this certificate (before start)."""
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certfile, keyfile)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.scheme = "https"
         return self
 
     def stop(self):
@@ -467,7 +478,7 @@ class FakeCodex(FakeServer):
 
     @property
     def url(self):
-        return "http://127.0.0.1:%d/backend-api/codex" % self.server.server_address[1]
+        return "%s://127.0.0.1:%d/backend-api/codex" % (self.scheme, self.server.server_address[1])
 
     def on_get(self, handler):
         """GET /models?client_version=… (the account's catalog) and /wham/usage."""
@@ -634,7 +645,7 @@ class FakeIssuer(FakeServer):
 
     @property
     def url(self):
-        return "http://127.0.0.1:%d" % self.server.server_address[1]
+        return "%s://127.0.0.1:%d" % (self.scheme, self.server.server_address[1])
 
     def mint(self):
         """A fresh token set, accepted by the paired FakeCodex."""
@@ -2425,6 +2436,179 @@ class TestTokenRefresh(ProxyCase):
         self.assertNotEqual(fresh["access_token"], stale)
 
 
+class ConnectProxy:
+    """A loopback HTTP proxy that only tunnels (CONNECT), as company proxies do,
+    and wants Basic credentials. It counts the tunnels it opens."""
+
+    def __init__(self, credentials="dev:p@ss word"):
+        import base64
+        self.expected = "Basic " + base64.b64encode(credentials.encode()).decode()
+        self.tunnels = []          # "host:port" of every CONNECT it accepted
+        self.refused = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.running = True
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while self.running:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.tunnel, args=(client,), daemon=True).start()
+
+    def tunnel(self, client):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = client.recv(4096)
+            if not chunk:
+                return client.close()
+            head += chunk
+        lines = head.split(b"\r\n\r\n")[0].decode().split("\r\n")
+        method, target = lines[0].split()[:2]
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
+        if method != "CONNECT" or headers.get("proxy-authorization") != self.expected:
+            self.refused += 1
+            client.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+            client.close()
+            return
+        host, port = target.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        self.tunnels.append(target)
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        back = threading.Thread(target=self.pipe, args=(upstream, client), daemon=True)
+        back.start()
+        self.pipe(client, upstream)
+        back.join(60)
+        client.close()
+        upstream.close()
+
+    @staticmethod
+    def pipe(source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self):
+        self.running = False
+        self.listener.close()
+
+
+def make_certificate(folder):
+    """A throwaway certificate for 127.0.0.1 made by the openssl command: (cert, key)."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        raise unittest.SkipTest("the openssl command is not installed (apt-get install openssl)")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+NETWORK_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+                     "NO_PROXY", "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR")
+
+
+class TestOutboundProxy(unittest.TestCase):
+    """Behind a company proxy with its own CA: every outgoing call goes through the
+    proxy (CONNECT, with credentials), trusts SSL_CERT_FILE, and reuses its tunnels."""
+
+    def setUp(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="codex-proxy-tls-"))
+        self.addCleanup(shutil.rmtree, str(self.folder), True)
+        cert, key = make_certificate(self.folder)
+        saved = {name: os.environ.pop(name) for name in NETWORK_VARIABLES if name in os.environ}
+        self.addCleanup(lambda: [os.environ.pop(n, None) for n in NETWORK_VARIABLES] and None)
+        self.addCleanup(os.environ.update, saved)
+        self.fake = FakeCodex().use_tls(cert, key).start()
+        self.addCleanup(self.fake.stop)
+        self.issuer = FakeIssuer(self.fake).use_tls(cert, key).start()
+        self.addCleanup(self.issuer.stop)
+        self.tunnel = ConnectProxy()
+        self.addCleanup(self.tunnel.stop)
+        os.environ["HTTPS_PROXY"] = "http://dev:p%%40ss%%20word@127.0.0.1:%d" % self.tunnel.port
+        os.environ["SSL_CERT_FILE"] = cert
+        tokens = self.issuer.mint()
+        doc = {"tokens": dict(tokens, access_token=expired_access(), account_id=ACCOUNT_ID)}
+        cp.write_private_file(self.folder / "tokens.json", json.dumps(doc))
+
+    def start_proxy(self):
+        config = make_config(self.folder, self.fake.url, issuer=self.issuer.url)
+        proxy = cp.ProxyServer(config)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        self.addCleanup(proxy.server_close)
+        self.addCleanup(proxy.shutdown)
+        self.addCleanup(proxy.codex.close_idle)
+        return proxy
+
+    def turn(self, proxy, text):
+        self.fake.reply(self.fake.turn().text(text).completed())
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.server_address[1], timeout=30)
+        conn.request("POST", "/v1/messages", json.dumps(dict(BASIC, stream=True)),
+                     {"x-api-key": PROXY_KEY, "Content-Type": "application/json"})
+        response = conn.getresponse()
+        body = response.read()
+        conn.close()
+        self.assertEqual(response.status, 200, body[:300])
+        return cp.fold_message(check_stream(self, body))["content"][0]["text"]
+
+    def test_refresh_catalog_and_turns_go_through_the_proxy_and_reuse_the_tunnel(self):
+        proxy = self.start_proxy()
+        self.assertEqual(proxy.codex.proxy, os.environ["HTTPS_PROXY"])
+        self.assertEqual(self.turn(proxy, "through the tunnel"), "through the tunnel")
+        self.assertEqual(self.issuer.refresh_calls, 1, "the expired login was refreshed, through the proxy")
+        catalog = proxy.catalog.refresh()
+        self.assertIn("gpt-5.5", catalog)
+        upstream = "127.0.0.1:%d" % self.fake.server.server_address[1]
+        issuer = "127.0.0.1:%d" % self.issuer.server.server_address[1]
+        self.assertEqual(set(self.tunnel.tunnels), {upstream, issuer})
+        opened = self.tunnel.tunnels.count(upstream)
+        for n in range(5):
+            self.assertEqual(self.turn(proxy, "turn %d" % n), "turn %d" % n)
+        self.assertEqual(self.tunnel.tunnels.count(upstream), opened, "later turns reuse the open tunnel")
+        self.assertEqual(self.tunnel.refused, 0)
+        self.assertTrue(any(g.startswith("/backend-api/codex/models") for g in self.fake.gets))
+        report("outbound proxy: refresh, catalog and 6 turns through %d tunnels (%s)" % (
+            len(self.tunnel.tunnels), ", ".join(sorted(set(self.tunnel.tunnels)))))
+
+    def test_no_proxy_goes_direct(self):
+        os.environ["NO_PROXY"] = "localhost,127.0.0.1"
+        proxy = self.start_proxy()
+        self.assertIsNone(proxy.codex.proxy)
+        self.assertEqual(self.turn(proxy, "direct"), "direct")
+        self.assertEqual(self.issuer.refresh_calls, 1)
+        self.assertEqual(self.tunnel.tunnels, [])
+
+    def test_the_proxy_is_named_without_its_credentials(self):
+        self.assertEqual(cp.shown_proxy(os.environ["HTTPS_PROXY"]), "http://127.0.0.1:%d" % self.tunnel.port)
+        config = make_config(self.folder, self.fake.url, issuer=self.issuer.url)
+        line = cp.outbound_summary(config)
+        self.assertIn("http://127.0.0.1:%d" % self.tunnel.port, line)
+        self.assertNotIn("p%40ss", line)
+
+    def test_a_certificate_not_trusted_is_refused(self):
+        del os.environ["SSL_CERT_FILE"]
+        proxy = self.start_proxy()
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.server_address[1], timeout=30)
+        conn.request("POST", "/v1/messages", json.dumps(BASIC), {"x-api-key": PROXY_KEY, "Content-Type": "application/json"})
+        response = conn.getresponse()
+        self.assertEqual(response.status, 401, "the refresh could not verify the issuer")
+        self.assertIn(b"CERTIFICATE_VERIFY_FAILED", response.read())
+        conn.close()
+
+
 class TestSharedLoginAcrossProcesses(unittest.TestCase):
 
     def test_two_proxy_processes_sharing_auth_json_refresh_once_and_keep_working(self):
@@ -4156,9 +4340,9 @@ class TestDoctor(CliCase):
         result = self.run_cli("doctor")
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         lines = result.stdout.splitlines()
-        self.assertEqual([l[0] for l in lines[:-1]], ["\u2713"] * 11, result.stdout)
+        self.assertEqual([l[0] for l in lines[:-1]], ["\u2713"] * 12, result.stdout)
         for words in ("Python", "ChatGPT login in", "token file mode 0600", "access token valid",
-                      "Codex backend reachable", "opus -> gpt-5.5 is available", "haiku -> gpt-5.4-mini is available",
+                      "Codex backend reachable", "opus -> gpt-5.5 is available", "Connecting to 127.0.0.1 directly", "haiku -> gpt-5.4-mini is available",
                       "text reply: 'pong'", "tool call: get_time", "reasoning replay: encrypted reasoning sent back and accepted"):
             self.assertIn(words, result.stdout)
         self.assertEqual(lines[-1], "All checks passed.")
