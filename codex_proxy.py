@@ -163,8 +163,12 @@ def env_int(name, default):
         raise SystemExit("%s must be a whole number, not %r." % (name, value))
 
 
+WINDOWS = os.name == "nt"   # file modes are not Windows' permissions; tests force this to check those paths
+
+
 def write_private_file(path, text, mode=0o600):
-    """Write text atomically (temp file + rename) with ``mode``, in a 0700 directory."""
+    """Write text atomically (temp file + rename) with ``mode``, in a 0700 directory.
+    (On Windows the modes mean little; the user profile's permissions protect the files.)"""
     path = Path(path)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(".%s.%s.tmp" % (path.name, secrets.token_hex(4)))
@@ -174,7 +178,7 @@ def write_private_file(path, text, mode=0o600):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(str(tmp), str(path))
+        replace_file(tmp, path)
     except BaseException:
         try:
             os.unlink(str(tmp))
@@ -276,6 +280,18 @@ def outbound_connection(scheme, host, port, timeout, proxy=None):
     return conn
 
 
+def replace_file(source, target):
+    """os.replace, which on Windows fails while another program has the target
+    open for a moment (Codex reading auth.json, say): then it tries again."""
+    for attempt in range(50):
+        try:
+            return os.replace(str(source), str(target))
+        except PermissionError:
+            if attempt == 49:
+                raise
+            time.sleep(0.02)
+
+
 class ProxyError(Exception):
     """An error answered to the client in Anthropic's shape.
 
@@ -363,11 +379,14 @@ def read_auth_file(path):
 
 
 class FileLock:
-    """An exclusive lock on ``path + ".lock"``, across processes where fcntl exists.
+    """An exclusive lock on ``path + ".lock"``, across processes: flock where fcntl
+    imports, else msvcrt.locking (Windows), chosen by what the platform has.
 
     The lock lives in a side file because the token file itself is replaced
     by rename, which would leave waiters holding a lock on the old inode.
     """
+
+    WAIT = 120.0   # a refresh takes a second; past this the other holder is stuck
 
     def __init__(self, path):
         self.path = str(path) + ".lock"
@@ -376,14 +395,55 @@ class FileLock:
     def __enter__(self):
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            import fcntl
-        except ImportError:   # Windows: the in-process lock still holds
-            return self
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+            lock_file(self.fd, self.WAIT, self.path)
+        except BaseException:
+            os.close(self.fd)
+            raise
         return self
 
     def __exit__(self, *exc):
-        os.close(self.fd)   # closing releases the flock
+        unlock_file(self.fd)
+        os.close(self.fd)
+
+
+def lock_kind():
+    """Which cross-process lock this platform gives: "fcntl", "msvcrt" or None."""
+    for name in ("fcntl", "msvcrt"):
+        try:
+            __import__(name)
+            return name
+        except ImportError:
+            continue
+    return None
+
+
+def lock_file(fd, wait, path):
+    kind = lock_kind()
+    if kind == "fcntl":
+        import fcntl
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    elif kind == "msvcrt":
+        import msvcrt
+        deadline = time.monotonic() + wait
+        while True:   # LK_LOCK gives up after 10 s; keep trying without blocking, like flock
+            os.lseek(fd, 0, os.SEEK_SET)
+            try:
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ProxyError(500, "api_error", "Another program has held the lock file %s for %d s; "
+                                     "close it and try again." % (path, wait))
+                time.sleep(0.02)
+    # neither: the in-process lock still holds
+
+
+def unlock_file(fd):
+    if lock_kind() == "msvcrt":
+        import msvcrt
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    # flock is released when the descriptor closes
 
 
 class TokenStore:
@@ -3787,7 +3847,7 @@ class Lobby:
     """
 
     LINGER = 2.0   # how long a refused connection is drained after its 529
-    LIMIT = 4096   # connections held here at most; past that, closed at once
+    LIMIT = 4096 if hasattr(select, "poll") else 500   # held here at most (Windows' select takes 512)
 
     def __init__(self, server):
         self.server = server
@@ -4307,8 +4367,11 @@ class Doctor:
                           "(looked for %s and %s)" % (config.tokens_path, config.codex_auth_path),
                           "run `python codex_proxy.py login`"):
             return self.failures
-        mode = stat_mode(store.path)
-        self.check(not mode & 0o077, "token file mode %04o" % mode, "chmod 600 %s" % store.path)
+        if WINDOWS:
+            self.check(True, "token file in your user folder (Windows protects it by the folder's permissions)")
+        else:
+            mode = stat_mode(store.path)
+            self.check(not mode & 0o077, "token file mode %04o" % mode, "chmod 600 %s" % store.path)
         try:
             store.credentials()
             expiry = token_expiry(store.load()["tokens"]["access_token"])

@@ -641,6 +641,7 @@ class FakeIssuer(FakeServer):
         self.device_polls_pending = 2
         self.devices = {}
         self.token_lifetime = 3600
+        self.refresh_delay = 0.05
         FakeServer.__init__(self)
 
     @property
@@ -733,7 +734,7 @@ class FakeIssuer(FakeServer):
             if body.get("client_id") != cp.CLIENT_ID or token not in self.live_refresh:
                 return self.send_json(handler, 401, REFRESH_REUSED_BODY)
             self.live_refresh.discard(token)
-        time.sleep(0.05)   # a real round trip: gives concurrent callers the chance to pile up
+        time.sleep(self.refresh_delay)   # a real round trip: gives concurrent callers the chance to pile up
         tokens = self.mint()
         del tokens["id_token"]
         self.send_json(handler, 200, tokens)
@@ -2609,11 +2610,59 @@ class TestOutboundProxy(unittest.TestCase):
         conn.close()
 
 
+MSVCRT_STUB = '''"""Windows' msvcrt.locking, stood in for on POSIX so that codex_proxy's Windows lock
+path runs here: byte-range locks (fcntl.lockf) like LockFile, LK_NBLCK failing at once."""
+import fcntl as _fcntl
+import os
+
+LK_UNLCK, LK_LOCK, LK_NBLCK, LK_RLCK, LK_NBRLCK = 0, 1, 2, 3, 4
+
+
+def note(what):
+    log = os.environ.get("MSVCRT_STUB_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(what + "\\n")
+
+
+def locking(fd, mode, nbytes):
+    start = os.lseek(fd, 0, os.SEEK_CUR)
+    if mode == LK_UNLCK:
+        note("unlocked")
+        return _fcntl.lockf(fd, _fcntl.LOCK_UN, nbytes, start)
+    if mode == LK_NBLCK:
+        try:
+            _fcntl.lockf(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB, nbytes, start)
+        except OSError:
+            note("busy")
+            raise PermissionError(13, "Permission denied")
+        note("locked")
+        return None
+    raise ValueError("mode %d is not one codex_proxy uses" % mode)
+'''
+WINDOWS_LAUNCHER = '''import runpy, sys
+sys.path.insert(0, sys.argv.pop(1))
+import msvcrt                 # the stand-in, which keeps the real fcntl for itself
+sys.modules["fcntl"] = None   # from here on `import fcntl` fails, as on Windows
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def windows_lock_kit(folder):
+    """A folder with the msvcrt stand-in, and the command prefix that runs codex_proxy.py with it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "msvcrt.py").write_text(MSVCRT_STUB)
+    (folder / "launch.py").write_text(WINDOWS_LAUNCHER)
+    return [sys.executable, str(folder / "launch.py"), str(folder)]
+
+
 class TestSharedLoginAcrossProcesses(unittest.TestCase):
 
-    def test_two_proxy_processes_sharing_auth_json_refresh_once_and_keep_working(self):
+    def run_two_processes(self, prefix, env_extra=None):
         fake, issuer = FakeCodex().start(), None
         issuer = FakeIssuer(fake).start()
+        issuer.refresh_delay = 0.5   # long enough that both processes want to refresh at once
         self.addCleanup(fake.stop)
         self.addCleanup(issuer.stop)
         root = Path(tempfile.mkdtemp(prefix="codex-proxy-shared-"))
@@ -2626,8 +2675,9 @@ class TestSharedLoginAcrossProcesses(unittest.TestCase):
         ports = []
         for n in range(2):
             env = dict(os.environ, CODEX_HOME=str(root / "codex"), CODEX_PROXY_HOME=str(root / ("proxy%d" % n)),
-                       CODEX_PROXY_UPSTREAM=fake.url, CODEX_PROXY_ISSUER=issuer.url, CODEX_PROXY_API_KEY=PROXY_KEY)
-            process = subprocess.Popen([sys.executable, str(HERE / "codex_proxy.py"), "start", "--port", "0"],
+                       CODEX_PROXY_UPSTREAM=fake.url, CODEX_PROXY_ISSUER=issuer.url, CODEX_PROXY_API_KEY=PROXY_KEY,
+                       **(env_extra or {}))
+            process = subprocess.Popen(prefix(root) + [str(HERE / "codex_proxy.py"), "start", "--port", "0"],
                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             self.addCleanup(stop_process, process)
             ports.append(int(re.search(r"listening on http://127\.0\.0\.1:(\d+)", process.stdout.readline()).group(1)))
@@ -2647,6 +2697,82 @@ class TestSharedLoginAcrossProcesses(unittest.TestCase):
                 thread.join(60)
         self.assertEqual(statuses, [200] * 40)
         self.assertEqual(issuer.refresh_calls, 1, "two processes, one refresh")
+
+    def test_two_proxy_processes_sharing_auth_json_refresh_once_and_keep_working(self):
+        self.run_two_processes(lambda root: [sys.executable])
+
+    def test_the_same_with_the_windows_lock(self):
+        log = Path(tempfile.mkdtemp(prefix="codex-proxy-msvcrt-")) / "calls"
+        self.addCleanup(shutil.rmtree, str(log.parent), True)
+        self.run_two_processes(lambda root: windows_lock_kit(root / "windows"), {"MSVCRT_STUB_LOG": str(log)})
+        calls = collections.Counter(log.read_text().split())
+        self.assertEqual(calls["locked"], calls["unlocked"], "every lock taken was released")
+        self.assertGreaterEqual(calls["locked"], 2, "both processes locked through msvcrt.locking")
+        self.assertGreaterEqual(calls["busy"], 1, "one waited for the other")
+        report("windows lock: two processes, one refresh; msvcrt.locking %s" % dict(calls))
+
+
+class TestWindowsPaths(unittest.TestCase):
+    """The paths a Windows user reaches, forced here."""
+
+    def test_without_fcntl_the_lock_is_msvcrt_and_excludes_another_process(self):
+        folder = Path(tempfile.mkdtemp(prefix="codex-proxy-win-"))
+        self.addCleanup(shutil.rmtree, str(folder), True)
+        windows_lock_kit(folder)
+        sys.path.insert(0, str(folder))
+        saved = {name: sys.modules.get(name) for name in ("fcntl", "msvcrt")}
+        try:
+            import msvcrt
+            sys.modules["fcntl"] = None
+            self.assertEqual(cp.lock_kind(), "msvcrt")
+            probe = ("import sys; sys.path.insert(0, %r); import msvcrt, os\n"
+                     "fd = os.open(%r, os.O_RDWR)\n"
+                     "try:\n    msvcrt.locking(fd, msvcrt.LK_NBLCK, 1); print('locked')\n"
+                     "except PermissionError:\n    print('refused')") % (str(folder), str(folder / "auth.json.lock"))
+            with cp.FileLock(folder / "auth.json"):
+                held = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+            after = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+        finally:
+            sys.path.remove(str(folder))
+            for name, module in saved.items():
+                if module is None:
+                    sys.modules.pop(name, None)
+                else:
+                    sys.modules[name] = module
+        self.assertEqual((held.stdout.strip(), after.stdout.strip()), ("refused", "locked"), held.stderr + after.stderr)
+        self.assertEqual(cp.lock_kind(), "fcntl")
+
+    def test_doctor_on_windows_does_not_judge_file_modes(self):
+        home = Path(tempfile.mkdtemp(prefix="codex-proxy-win-"))
+        self.addCleanup(shutil.rmtree, str(home), True)
+        write_tokens(home / "tokens.json")
+        (home / "tokens.json").chmod(0o666)
+        lines = []
+        config = make_config(home, "http://127.0.0.1:%d/backend-api/codex" % free_port())
+        original = cp.WINDOWS
+        cp.WINDOWS = True
+        self.addCleanup(setattr, cp, "WINDOWS", original)
+        cp.Doctor(config, say=lines.append).run()
+        self.assertIn("\u2713 token file in your user folder (Windows protects it by the folder's permissions)", lines)
+        self.assertFalse([l for l in lines if "chmod" in l])
+
+    def test_a_file_another_program_has_open_is_replaced_after_a_moment(self):
+        folder = Path(tempfile.mkdtemp(prefix="codex-proxy-win-"))
+        self.addCleanup(shutil.rmtree, str(folder), True)
+        real, failures = os.replace, []
+
+        def busy_replace(source, target):
+            if len(failures) < 3:   # what Windows says while Codex reads auth.json
+                failures.append(target)
+                raise PermissionError(13, "The process cannot access the file")
+            return real(source, target)
+        cp.os.replace = busy_replace
+        try:
+            cp.write_private_file(folder / "auth.json", "{}")
+        finally:
+            cp.os.replace = real
+        self.assertEqual((folder / "auth.json").read_text(), "{}")
+        self.assertEqual(len(failures), 3)
 
 
 # ---------------------------------------------------------------------------
