@@ -15,9 +15,11 @@ Commands
     start [--host H] [--port P] [--verbose] [--log-file PATH]   run the proxy
     claude [CLAUDE ARGS...]     run Claude Code through a proxy (one running, or one started here)
     env [--shell bash|fish|powershell]   the lines that point Claude Code at the proxy
-    login [--device] [--no-browser]      sign in with ChatGPT (browser PKCE, device code, paste-back)
-    status [--json] [--live]    the login, token expiry, usage windows
-    logout [--codex]            remove the saved login
+    login [--device] [--no-browser] [--account NAME]   sign in with ChatGPT (browser PKCE, device code,
+                                paste-back); --account adds another login for failover
+    status [--json] [--live]    every login: token expiry, usage windows
+    logout [--codex] [--account NAME]    remove a saved login
+    usage [--days N] [--json]   tokens per day and model, and every account's windows
     models [--json]             the account's models: context window, efforts
     doctor                      check everything, with one tiny real request per feature
 
@@ -300,6 +302,8 @@ class ProxyError(Exception):
     """
 
     downgrade = None   # for a refused request part: (rule, learn it), see refused_part()
+    code = None        # the backend's error code, where the account is the problem (account_trouble)
+    reset_seconds = 0
 
     def __init__(self, status, error_type, message, headers=None, retryable=False, details=None):
         Exception.__init__(self, message)
@@ -457,8 +461,9 @@ class TokenStore:
 
     REFRESH_WINDOW = 300   # refresh when the access token expires within 5 minutes
 
-    def __init__(self, config):
+    def __init__(self, config, path=None):
         self.config = config
+        self.fixed_path = path               # one account's own file; None: tokens.json, else Codex's
         self._lock = threading.Lock()        # one refresh at a time in this process
         self._cache = (None, None, None)     # (path, mtime, document)
         self._dead = None                    # (path, mtime, message) of a refresh that can never work
@@ -467,6 +472,8 @@ class TokenStore:
     def path(self):
         """The token file in use: the proxy's own, else Codex's (``load`` then checks that it
         holds a ChatGPT login). Two stats, no parsing: this runs on every request."""
+        if self.fixed_path is not None:
+            return self.fixed_path
         own = self.config.tokens_path
         if own.exists() or not self.config.codex_auth_path.exists():
             return own
@@ -534,6 +541,201 @@ class TokenStore:
                 mode = stat_mode(path)
                 write_private_file(path, json.dumps(doc, indent=2) + "\n", mode)
                 return tokens
+
+
+ACCOUNT_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,40}\Z")
+DEFAULT_ACCOUNT = "default"
+
+
+class Account:
+    """One ChatGPT login: its token store, its last usage windows, and whether it rests."""
+
+    def __init__(self, name, store):
+        self.name = name
+        self.store = store
+        self.quota = None          # the last x-codex-* windows seen for it
+        self.resting_until = 0.0   # exhausted or refused: not chosen before this time
+        self.rest_reason = None
+
+    @property
+    def tag(self):
+        """A short mark of the ChatGPT account, put in thinking signatures: encrypted
+        reasoning can only be sent back to the account that made it."""
+        doc = self.store.load()
+        account_id = account_info(doc["tokens"])["account_id"] if doc else None
+        return digest_of(account_id)[:8] if account_id else ""
+
+    def headroom(self):
+        """Percent left in the fullest usage window (100 when not known yet)."""
+        windows = (self.quota or {}).get("windows") or {}
+        return 100.0 - max([w.get("used_percent") or 0.0 for w in windows.values()] or [0.0])
+
+
+class AccountPool:
+    """Every ChatGPT login the proxy may use, and which one serves a request.
+
+    ``default`` is CODEX_PROXY_HOME/tokens.json (or, without it, the Codex CLI's
+    auth.json); ``login --account NAME`` adds CODEX_PROXY_HOME/accounts/NAME.json;
+    the Codex CLI's login joins as ``codex`` when it is another ChatGPT account.
+    A conversation (its prompt cache key) stays on one account, so the backend's
+    prompt cache keeps hitting; a new one goes to the account with the most
+    headroom in its usage windows; an exhausted or refused account rests until
+    its reset, and its conversations move on. With one login, there is nothing
+    to choose and nothing to configure.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.folder = config.home / "accounts"
+        self.lock = threading.Lock()
+        self.sticky = collections.OrderedDict()   # prompt cache key -> account name
+        self.failovers = 0
+        self._quota_saved = 0.0
+        self._accounts = {DEFAULT_ACCOUNT: Account(DEFAULT_ACCOUNT, TokenStore(config))}
+        self._seen = None
+        saved = load_quota(config)
+        for name, quota in saved.items():
+            if name in self._accounts:
+                self._accounts[name].quota = quota
+
+    @property
+    def default(self):
+        return self._accounts[DEFAULT_ACCOUNT]
+
+    def accounts(self):
+        """The accounts that hold a login now, default first."""
+        self._discover()
+        return [a for a in self._accounts.values() if a.store.load() is not None]
+
+    def get(self, name):
+        self._discover()
+        return self._accounts.get(name)
+
+    def _discover(self):
+        """Look for added or removed account files: a few stats per request."""
+        try:
+            seen = (self.folder.stat().st_mtime_ns, self.config.tokens_path.exists(),
+                    self.config.codex_auth_path.exists())
+        except OSError:
+            seen = (None, self.config.tokens_path.exists(), self.config.codex_auth_path.exists())
+        if seen == self._seen:
+            return
+        with self.lock:
+            names = {DEFAULT_ACCOUNT: None}
+            if seen[0] is not None:
+                for path in sorted(self.folder.glob("*.json")):
+                    if ACCOUNT_NAME_RE.match(path.stem) and path.stem != DEFAULT_ACCOUNT:
+                        names[path.stem] = path
+            if seen[1] and seen[2] and "codex" not in names:
+                names["codex"] = self.config.codex_auth_path   # deduplicated below, once loaded
+            saved = load_quota(self.config)
+            for name, path in names.items():
+                if name not in self._accounts:
+                    self._accounts[name] = Account(name, TokenStore(self.config, path))
+                    self._accounts[name].quota = saved.get(name)
+            for name in list(self._accounts):
+                if name not in names:
+                    del self._accounts[name]
+            self._drop_duplicates()
+            self._seen = seen
+
+    def _drop_duplicates(self):
+        """The Codex CLI's login counts once: not again when it is the same account as another."""
+        codex = self._accounts.get("codex")
+        doc = codex.store.load() if codex else None
+        if codex is None or doc is None:
+            return
+        key = lambda d: (account_info(d["tokens"])["account_id"], account_info(d["tokens"])["email"])
+        for name, account in self._accounts.items():
+            other = account.store.load() if name != "codex" else None
+            if other is not None and key(other) == key(doc):
+                del self._accounts["codex"]
+                return
+
+    def choose(self, cache_key, exclude=()):
+        """The account for a request of this conversation: its own while it can serve,
+        else the one with the most headroom; None when every one rests (or is excluded)."""
+        accounts = [a for a in self.accounts() if a.name not in exclude]
+        if not accounts:
+            return None
+        if len(accounts) == 1 and not exclude:
+            return accounts[0]
+        now = time.time()
+        with self.lock:
+            name = self.sticky.get(cache_key)
+            ready = [a for a in accounts if a.resting_until <= now]
+            chosen = next((a for a in ready if a.name == name), None)
+            if chosen is None and not ready:
+                return None
+            if chosen is None:
+                chosen = max(ready, key=Account.headroom)
+            if cache_key:
+                self.sticky[cache_key] = chosen.name
+                self.sticky.move_to_end(cache_key)
+                while len(self.sticky) > 4096:
+                    self.sticky.popitem(last=False)
+        return chosen
+
+    def exhausted_error(self):
+        """The 429 for when every login rests: with the earliest reset."""
+        resting = [a for a in self.accounts() if a.resting_until > time.time()]
+        if len(resting) < 2 or len(resting) < len(self.accounts()):
+            return None
+        first = min(resting, key=lambda a: a.resting_until)
+        error = usage_limit_error({"resets_in_seconds": first.resting_until - time.time()})
+        error.message = ("All %d ChatGPT logins have reached their Codex usage limit; the first (%s) resets in %s. "
+                         "Wait until then or add another with `python codex_proxy.py login --account NAME`."
+                         % (len(resting), first.name, human_duration(first.resting_until - time.time())))
+        return error
+
+    def rest(self, account, until, reason):
+        """``account`` is exhausted (or refused) until ``until``: its conversations move on."""
+        with self.lock:
+            account.resting_until = max(account.resting_until, until)
+            account.rest_reason = reason
+
+    def note_quota(self, account, quota):
+        """Keep an account's newest usage windows; on disk too (for `status`), at most every 10 s."""
+        changed = not account.quota or account.quota["windows"] != quota["windows"]
+        account.quota = quota
+        now = time.time()
+        if changed and now - self._quota_saved > 10:
+            self._quota_saved = now
+            with self.lock:
+                saved = {a.name: a.quota for a in self._accounts.values() if a.quota}
+            save_quota(self.config, saved)
+
+
+def load_quota(config):
+    """The last usage windows of each account, by name (CODEX_PROXY_HOME/quota.json)."""
+    try:
+        doc = json.loads((config.home / "quota.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if isinstance(doc, dict) and isinstance(doc.get("windows"), dict):
+        return {DEFAULT_ACCOUNT: doc}   # written by a version with one account
+    return {k: v for k, v in doc.items() if isinstance(v, dict) and isinstance(v.get("windows"), dict)} \
+        if isinstance(doc, dict) else {}
+
+
+def save_quota(config, quotas):
+    try:
+        write_private_file(config.home / "quota.json", json.dumps(quotas))
+    except OSError:
+        pass
+
+
+def account_trouble(error):
+    """(rest until, why) when ``error`` says this login cannot serve for now, else None."""
+    now = time.time()
+    if error.status == 401:
+        return now + 600, "the login was refused"
+    code = getattr(error, "code", None)
+    if code == "usage_limit_reached":
+        return now + error.reset_seconds, "its usage limit is reached"
+    if code in ("insufficient_quota", "usage_not_included"):
+        return now + 3600, "it has no Codex quota (%s)" % code
+    return None
 
 
 def not_logged_in():
@@ -655,9 +857,19 @@ def exchange_code(config, code, redirect_uri, verifier):
     return {"auth_mode": "chatgpt", "OPENAI_API_KEY": None, "tokens": tokens, "last_refresh": utc_now()}
 
 
-def save_login(config, doc):
-    write_private_file(config.tokens_path, json.dumps(doc, indent=2) + "\n")
-    return config.tokens_path
+def save_login(config, doc, account=None):
+    path = account_path(config, account)
+    write_private_file(path, json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def account_path(config, name):
+    """Where a named login lives: tokens.json for the default one, accounts/NAME.json for others."""
+    if not name or name == DEFAULT_ACCOUNT:
+        return config.tokens_path
+    if not ACCOUNT_NAME_RE.match(name):
+        raise SystemExit("An account name is letters, digits, - and _ (at most 40), not %r." % name)
+    return config.home / "accounts" / (name + ".json")
 
 
 def authorize_url(config, redirect_uri, challenge, state):
@@ -862,6 +1074,7 @@ class RequestContext:
         self.payload = None
         self.context_window = context_window
         self.thread_turn = None                  # a ThreadTurn when the request is on a message thread
+        self.account = None                      # the Account it goes to (AccountPool)
         self.max_tokens = None                   # the reply is cut there (estimated), as the backend has no cap
         self.lite = lite                         # sent in the Responses Lite shape
         self.models = models                     # the models this account can use, as far as known
@@ -884,7 +1097,7 @@ class RequestContext:
         return self.payload
 
 
-def translate_request(body, headers, config, catalog=None, downgrades=None, recall=None):
+def translate_request(body, headers, config, catalog=None, downgrades=None, recall=None, account=None):
     """Anthropic /v1/messages body -> (Codex /responses body, RequestContext).
 
     Pure: no I/O. ``catalog`` maps model slugs to Codex catalog entries (the
@@ -892,6 +1105,7 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
     LearnedDowngrades whose rules for the model are applied. Raises
     ProxyError(400) naming the offending field. ``recall(tool_use_id, model)``
     gives the encrypted reasoning kept for a tool call whose client hid thinking.
+    ``account`` is the Account the request goes to: only its reasoning is replayed.
     """
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
@@ -907,7 +1121,7 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
     model, suffix_effort = resolve_model(requested, config.models)
 
     refuse_unsupported(body)
-    state = Conversation(model, recall)
+    state = Conversation(model, recall, account.tag if account else "")
     tools = translate_tools(body.get("tools"), state)
     items = []
     add_developer_message(items, system_texts(body.get("system")))
@@ -957,6 +1171,7 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
                              window or config.context_window, lite, sorted(catalog or BUILTIN_MODELS))
     limit = body.get("max_tokens")
     context.max_tokens = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0 else None
+    context.account = account
     for rule in rules:
         apply_downgrade(codex, context, rule)
     return codex, context
@@ -1282,9 +1497,10 @@ class Conversation:
     """What translating one request's messages needs to know and collects: tool
     names, the tools added or removed mid-conversation, hidden reasoning."""
 
-    def __init__(self, model, recall=None):
+    def __init__(self, model, recall=None, account=""):
         self.model = model
         self.recall = recall
+        self.account = account   # the tag of the account the request goes to
         self.names = {}      # client tool name -> Codex tool name
         self.declared = {}   # client tool name -> its Codex function tool
         self.changes = []    # ("add" | "remove", client name, Codex tool or None), in order
@@ -1547,7 +1763,8 @@ def function_call_output(block):
 def translate_assistant_blocks(items, blocks, state):
     parts = []
     model, names = state.model, state.names
-    if state.recall and not any(b.get("type") == "thinking" and signature_content(b.get("signature"), model)
+    if state.recall and not any(b.get("type") == "thinking" and signature_content(b.get("signature"), model,
+                                                                                  state.account)
                                 for b in blocks):
         # The client hid thinking: the reasoning behind these tool calls comes from the cache.
         recalled = [state.recall(b["id"], model) for b in blocks
@@ -1577,7 +1794,7 @@ def translate_assistant_blocks(items, blocks, state):
             items.append({"type": "function_call", "call_id": codex_call_id(block.get("id")),
                           "name": names[name], "arguments": arguments})
         elif kind == "thinking":
-            encrypted = signature_content(block.get("signature"), model)
+            encrypted = signature_content(block.get("signature"), model, state.account)
             if encrypted:
                 flush()
                 text = block.get("thinking")
@@ -1615,18 +1832,21 @@ def brief_json(value, limit=2000):
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def thinking_signature(model, encrypted_content):
-    """The signature of a thinking block this proxy emits: our mark, the model, the blob."""
-    return "%s%s:%s" % (SIGNATURE_PREFIX, model, encrypted_content)
+def thinking_signature(model, encrypted_content, account=""):
+    """The signature of a thinking block this proxy emits: our mark, the model and
+    the account (a short tag) that made it, the blob."""
+    issuer = "%s@%s" % (model, account) if account else model
+    return "%s%s:%s" % (SIGNATURE_PREFIX, issuer, encrypted_content)
 
 
-def signature_content(signature, model):
-    """encrypted_content from a signature we issued for this model, else None."""
+def signature_content(signature, model, account=""):
+    """encrypted_content from a signature we issued for this model and account, else None."""
     if not isinstance(signature, str) or not signature.startswith(SIGNATURE_PREFIX):
         return None
     issued_for, sep, encrypted = signature[len(SIGNATURE_PREFIX):].partition(":")
-    # Reasoning is encrypted per model; replaying it to another model is refused upstream.
-    return encrypted if sep and encrypted and issued_for == model else None
+    # Reasoning is encrypted per model and account; anything else is refused upstream.
+    # (A signature without an account comes from before accounts were told apart.)
+    return encrypted if sep and encrypted and issued_for in (model, "%s@%s" % (model, account)) else None
 
 
 def repair_tool_pairs(items):
@@ -2247,7 +2467,8 @@ class ResponseTranslator:
             if self.ctx.thinking:
                 if item.block is None:
                     self._open(item, {"type": "thinking", "thinking": "", "signature": ""})
-                signature = thinking_signature(self.ctx.model, encrypted) if encrypted else ""
+                tag = self.ctx.account.tag if self.ctx.account else ""
+                signature = thinking_signature(self.ctx.model, encrypted, tag) if encrypted else ""
                 self._delta(item, {"type": "signature_delta", "signature": signature})
             elif encrypted:   # kept server-side for the tool calls it leads to (ReasoningCache)
                 self.hidden_reasoning.append([encrypted, []])
@@ -2597,11 +2818,9 @@ class CodexClient:
         self._idle = []
         self._lock = threading.Lock()
         self.turn_states = collections.OrderedDict()   # prompt cache key -> x-codex-turn-state
-        self.account = None
 
-    def auth_headers(self, force_refresh=False):
-        access, account = self.tokens.credentials(force_refresh)
-        self.account = account   # the login whose reasoning the next replies carry
+    def auth_headers(self, force_refresh=False, store=None):
+        access, account = (store or self.tokens).credentials(force_refresh)
         headers = {
             "Authorization": "Bearer " + access,
             "originator": ORIGINATOR,
@@ -2624,7 +2843,8 @@ class CodexClient:
         state = self.turn_states.get(context.cache_key) if context.continues_turn else None
         if state:
             extra[TURN_STATE_HEADER] = state
-        conn, response = self._request("POST", self.base + "/responses", payload, extra)
+        store = context.account.store if context.account else None
+        conn, response = self._request("POST", self.base + "/responses", payload, extra, store)
         if response.status == 200:
             self._keep_turn_state(context.cache_key, response.getheader(TURN_STATE_HEADER))
             return CodexStream(self, conn, response)
@@ -2654,13 +2874,13 @@ class CodexClient:
         self._finish(conn, response)
         return doc, response.headers
 
-    def _request(self, method, path, payload, extra):
+    def _request(self, method, path, payload, extra, store=None):
         """Send with the login's headers; a 401 gets one token refresh and one more try."""
-        conn, response = self._send(method, path, payload, dict(self.auth_headers(), **extra))
+        conn, response = self._send(method, path, payload, dict(self.auth_headers(False, store), **extra))
         if response.status == 401:
             drain(response)
             self._finish(conn, response)
-            conn, response = self._send(method, path, payload, dict(self.auth_headers(force_refresh=True), **extra))
+            conn, response = self._send(method, path, payload, dict(self.auth_headers(True, store), **extra))
         return conn, response
 
     def _failure(self, conn, response, context):
@@ -2954,15 +3174,19 @@ def upstream_failure(error, context, headers=None):
     if code == "usage_limit_reached":
         return usage_limit_error(error, headers)
     if code == "insufficient_quota":   # fatal for Codex too: waiting does not bring quota back
-        return ProxyError(429, "rate_limit_error",
-                          "Quota exceeded: this ChatGPT account has no Codex quota left (insufficient_quota). "
-                          "Check the plan and billing at https://chatgpt.com/#settings, or log in with another "
-                          "account.", {"x-should-retry": "false"})
+        error = ProxyError(429, "rate_limit_error",
+                           "Quota exceeded: this ChatGPT account has no Codex quota left (insufficient_quota). "
+                           "Check the plan and billing at https://chatgpt.com/#settings, or log in with another "
+                           "account.", {"x-should-retry": "false"})
+        error.code = code
+        return error
     if code == "usage_not_included":
-        return ProxyError(402, "billing_error",
-                          "This ChatGPT plan does not include Codex. Upgrade the plan "
-                          "(https://chatgpt.com/explore/plus) or log in with another account.",
-                          {"x-should-retry": "false"})
+        error = ProxyError(402, "billing_error",
+                           "This ChatGPT plan does not include Codex. Upgrade the plan "
+                           "(https://chatgpt.com/explore/plus) or log in with another account.",
+                           {"x-should-retry": "false"})
+        error.code = code
+        return error
     if code in ("server_is_overloaded", "slow_down"):
         return ProxyError(529, "overloaded_error",
                           "The Codex backend is overloaded (%s). Try again shortly or pick another model." % code)
@@ -3007,11 +3231,13 @@ def usage_limit_error(error, headers=None):
     out = {"retry-after": str(seconds)}
     if seconds > 60:
         out["x-should-retry"] = "false"   # do not let Claude Code sit in a retry loop for hours
-    return ProxyError(429, "rate_limit_error",
-                      "The ChatGPT%s usage limit for Codex is reached; it resets in %s (at %s). "
-                      "Wait until then or log in with another account." % (
-                          " " + plan if isinstance(plan, str) and plan else "", human_duration(seconds), reset),
-                      out)
+    error = ProxyError(429, "rate_limit_error",
+                       "The ChatGPT%s usage limit for Codex is reached; it resets in %s (at %s). "
+                       "Wait until then or log in with another account." % (
+                           " " + plan if isinstance(plan, str) and plan else "", human_duration(seconds), reset),
+                       out)
+    error.code, error.reset_seconds = "usage_limit_reached", seconds
+    return error
 
 
 def human_duration(seconds):
@@ -3170,6 +3396,52 @@ class TokenCalibration:
             return int(round(estimate * self._ratios.get(key, 1.0)))
 
 
+class UsageLedger:
+    """Where the quota went: one JSON line per finished turn in CODEX_PROXY_HOME/usage.jsonl
+    (mode 0600): when, which model and account, how many tokens. Never any content."""
+
+    def __init__(self, config):
+        self.path = config.home / "usage.jsonl"
+        self.lock = threading.Lock()
+
+    def record(self, model, account, usage):
+        counted = anthropic_usage(usage)
+        line = json.dumps({"time": int(time.time()), "model": model, "account": account,
+                           "input": counted["input_tokens"] + counted["cache_read_input_tokens"],
+                           "cached": counted["cache_read_input_tokens"], "output": counted["output_tokens"]})
+        with self.lock:
+            try:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(str(self.path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    os.write(fd, (line + "\n").encode("utf-8"))
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass   # a full disk must not fail the reply that was already sent
+
+    def totals(self, days=None):
+        """{(day, model): [requests, input, cached, output]}, days in UTC, newest last."""
+        since = time.time() - days * 86400 if days else 0
+        totals = collections.OrderedDict()
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return totals
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                if entry["time"] < since:
+                    continue
+                key = (time.strftime("%Y-%m-%d", time.gmtime(entry["time"])), str(entry["model"]))
+                row = totals.setdefault(key, [0, 0, 0, 0])
+                for n, value in enumerate((1, entry["input"], entry["cached"], entry["output"])):
+                    row[n] += int(value)
+            except (ValueError, KeyError, TypeError):
+                continue   # a line cut short by a crash
+        return collections.OrderedDict(sorted(totals.items()))
+
+
 # ---------------------------------------------------------------------------
 # HTTP server: the Anthropic side
 # ---------------------------------------------------------------------------
@@ -3200,16 +3472,16 @@ class ProxyServer(ThreadingHTTPServer):
         self.lobby = Lobby(self)
         self.connections = 0                # connections served by a thread now
         self.connections_lock = threading.Lock()
-        self.tokens = TokenStore(config)
+        self.accounts = AccountPool(config)
+        self.tokens = self.accounts.default.store
         self.codex = CodexClient(config, self.tokens)
         self.catalog = ModelCatalog(config, self.codex)
         self.calibration = TokenCalibration()
         self.downgrades = LearnedDowngrades(config)
+        self.ledger = UsageLedger(config)
         self.threads = ThreadStore()
         self.reasoning = ReasoningCache()
         self.keeper = Keeper(self)
-        self.quota = load_quota(config)
-        self._quota_saved = 0.0
         self.proxy_key = config.proxy_key()
         self.stopping = threading.Event()   # set on shutdown once running replies had their grace time
         self.active = 0                     # replies being relayed now
@@ -3223,14 +3495,6 @@ class ProxyServer(ThreadingHTTPServer):
         port = self.server_address[1]
         names = list(LOOPBACK_NAMES) + [config.host.lower()] + config.allowed_hosts
         self.allowed_hosts = set(names) | {"%s:%d" % (name, port) for name in names}
-
-    def note_quota(self, quota):
-        """Keep the newest usage windows; on disk too (for `status`), at most every 10 s."""
-        changed = not self.quota or self.quota["windows"] != quota["windows"]
-        self.quota = quota
-        if changed and time.time() - self._quota_saved > 10:
-            self._quota_saved = time.time()
-            save_quota(self.config, quota)
 
     def log_request_record(self, record, line):
         """One line per request on stderr (--verbose) and/or one JSON line (--log-file)."""
@@ -3509,9 +3773,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if isinstance(body, dict) and "thread" in body:
             body, turn = self.server.threads.open(body)   # the full conversation, rebuilt
         try:
+            account = self._account_for(body)
+            recall = lambda call_id, model: self.server.reasoning.recall(call_id, model, account.tag)
             codex_body, context = translate_request(body, self.headers.items(), self.server.config,
                                                     self.server.catalog.current(), self.server.downgrades,
-                                                    self._recall_reasoning)
+                                                    recall, account)
             context.thread_turn = turn
             stream = body.get("stream") is True
             if self.note is not None:
@@ -3523,8 +3789,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if turn is not None and turn.messages is not None:   # not stored: failed or cut short
                 self.server.threads.release(turn)
 
-    def _recall_reasoning(self, call_id, model):
-        return self.server.reasoning.recall(call_id, model, self.server.codex.account)
+    def _account_for(self, body):
+        """The login that serves this request (AccountPool): the conversation's own, or the freshest."""
+        pool = self.server.accounts
+        key = None
+        if len(pool.accounts()) > 1 and isinstance(body, dict) and isinstance(body.get("messages"), list):
+            key = prompt_cache_key(body, {k.lower(): v for k, v in self.headers.items()})
+        account = pool.choose(key)
+        if account is None:
+            raise pool.exhausted_error() if pool.accounts() else not_logged_in()
+        if self.note is not None:
+            self.note["account"] = account.name
+        return account
 
     def handle_count_tokens(self):
         body = self._read_json()
@@ -3648,12 +3924,39 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 downgraded.add(error.downgrade[0])   # each rule once: never a loop
                 payload = self._downgrade(context, *error.downgrade)
                 continue
+            if account_trouble(error) and not self.sse_started and context.account:
+                moved = self._fail_over(context, error)
+                if moved is not None:
+                    payload = moved
+                    continue
+                error = self.server.accounts.exhausted_error() or error
             if error.retryable and not self.sse_started and attempt < config.retries:
                 attempt += 1
                 time.sleep(config.retry_delay * (2 ** (attempt - 1)) * random.uniform(0.9, 1.1))
                 continue
             self._reply_error(error)
             return
+
+    def _fail_over(self, context, error):
+        """The account cannot serve (exhausted, refused): rest it and move the turn to
+        another login, without its reasoning (bound to the account). -> the new body, or None."""
+        pool = self.server.accounts
+        if len(pool.accounts()) < 2:
+            return None   # one login: nothing to move to, and nothing rests
+        pool.rest(context.account, *account_trouble(error))
+        tried = context.tried_accounts = getattr(context, "tried_accounts", set()) | {context.account.name}
+        account = pool.choose(context.cache_key, exclude=tried)
+        if account is None:
+            return None
+        pool.failovers += 1
+        self._log("account %s: %s; moving the request to account %s." % (
+            context.account.name, account_trouble(error)[1], account.name))
+        context.account = account
+        if self.note is not None:
+            self.note["account"] = account.name
+        codex = json.loads(context.payload)
+        apply_downgrade(codex, context, "reasoning_replay")
+        return context.serialize_body(codex)
 
     def _downgrade(self, context, rule, learn):
         """The turn's body with one refused part downgraded; the rule is kept for the model."""
@@ -3694,7 +3997,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         reasoning, note the outcome."""
         groups = [(encrypted, ids) for encrypted, ids in translator.hidden_reasoning if ids]
         if groups:
-            self.server.reasoning.remember(context.model, self.server.codex.account, groups)
+            self.server.reasoning.remember(context.model, context.account.tag if context.account else "", groups)
         usage = translator.upstream_usage
         if self.note is not None:
             counted = anthropic_usage(usage)
@@ -3703,9 +4006,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                              output_tokens=counted["output_tokens"], stop_reason=translator.stop_reason)
         if usage:
             self.server.calibration.learn(context.cache_key, context.input_estimate(), as_int(usage.get("input_tokens")))
+            self.server.ledger.record(context.model, context.account.name if context.account else None, usage)
         quota = quota_from_headers(upstream.headers)
-        if quota:
-            self.server.note_quota(quota)
+        if quota and context.account:
+            self.server.accounts.note_quota(context.account, quota)
 
     def _client_gone(self):
         """True once the client closed its end (readable, with nothing to read)."""
@@ -3981,21 +4285,6 @@ def model_entry(model_id, display_name, window=None):
             "created_at": "2026-01-01T00:00:00Z", "max_input_tokens": window or DEFAULT_CONTEXT_WINDOW}
 
 
-def load_quota(config):
-    try:
-        doc = json.loads((config.home / "quota.json").read_text(encoding="utf-8"))
-        return doc if isinstance(doc, dict) and isinstance(doc.get("windows"), dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def save_quota(config, quota):
-    try:
-        write_private_file(config.home / "quota.json", json.dumps(quota))
-    except OSError:
-        pass
-
-
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
@@ -4117,6 +4406,7 @@ def cmd_start(args):
 def cmd_login(args):
     import webbrowser
     config = Config()
+    account_path(config, args.account)   # a bad name is refused before the browser opens
     try:
         if args.device:
             doc = device_login(config, say=print)
@@ -4139,43 +4429,58 @@ def cmd_login(args):
     except KeyboardInterrupt:
         sys.stderr.write("Login cancelled.\n")
         return 1
-    path = save_login(config, doc)
+    path = save_login(config, doc, args.account)
     info = account_info(doc["tokens"])
-    print("Logged in as %s (%s plan). Tokens saved to %s." % (
-        info["email"] or "unknown", info["plan"] or "unknown", path))
+    print("Logged in as %s (%s plan). Tokens saved to %s%s." % (
+        info["email"] or "unknown", info["plan"] or "unknown", path,
+        " as account %s" % args.account if args.account not in (None, DEFAULT_ACCOUNT) else ""))
     return 0
 
 
 def login_status(config):
-    """What ``status`` reports; never a token."""
-    store = TokenStore(config)
+    """What ``status`` reports, for every account; never a token. The top level
+    describes the default account, as before there were several."""
+    pool = AccountPool(config)
+    accounts = [account_status(a) for a in pool.accounts()]
+    status = dict(accounts[0]) if accounts else account_status(pool.default)
+    status["accounts"] = accounts
+    return status
+
+
+def account_status(account):
+    store = account.store
     doc = store.load()
     tokens = doc["tokens"] if doc else {}
     info = account_info(tokens)
     expiry = token_expiry(tokens.get("access_token"))
     expired = expiry is not None and expiry <= time.time()
     return {
+        "account": account.name,
         "logged_in": doc is not None,
         "usable": doc is not None and (not expired or bool(tokens.get("refresh_token"))),
         "email": info["email"], "plan": info["plan"], "account_id": info["account_id"],
         "token_file": str(store.path) if doc else None,
-        "shared_with_codex": bool(doc) and store.shared_with_codex,
+        "shared_with_codex": bool(doc) and store.path == store.config.codex_auth_path,
         "access_token_expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry)) if expiry else None,
         "access_token_expired": expired,
         "last_refresh": doc.get("last_refresh") if doc else None,
-        "quota": load_quota(config),
+        "quota": account.quota,
     }
 
 
-def live_quota(config):
-    """Ask the backend for the usage windows now (GET /wham/usage); keep them for later."""
-    client = CodexClient(config, TokenStore(config))
+def live_quota(config, account=None):
+    """Ask the backend for an account's usage windows now (GET /wham/usage); keep them for later."""
+    pool = AccountPool(config)
+    account = account or pool.default
+    client = CodexClient(config, account.store)
     try:
         doc, _ = client.get_json(client.usage_path)
     finally:
         client.close_idle()
     quota = quota_from_usage(doc)
-    save_quota(config, quota)
+    saved = load_quota(config)
+    saved[account.name] = quota
+    save_quota(config, saved)
     return quota
 
 
@@ -4195,27 +4500,66 @@ def describe_quota(quota):
 def cmd_status(args):
     config = Config()
     status = login_status(config)
-    if args.live and status["logged_in"]:
-        try:
-            status["quota"] = live_quota(config)
-        except (ProxyError, UpstreamBroken) as exc:
-            sys.stderr.write("Could not ask the backend for the usage windows: %s\n" % exc)
+    if args.live:
+        pool = AccountPool(config)
+        for entry in status["accounts"]:
+            try:
+                entry["quota"] = live_quota(config, pool.get(entry["account"]))
+            except (ProxyError, UpstreamBroken) as exc:
+                sys.stderr.write("Could not ask the backend for the usage windows of %s: %s\n" % (entry["account"], exc))
+        if status["accounts"]:
+            status["quota"] = status["accounts"][0]["quota"]
     if args.json:
         print(json.dumps(status, indent=2))
-    elif not status["logged_in"]:
+        return 0 if status["usable"] else 1
+    if not status["accounts"]:
         print("Not logged in. Run `python codex_proxy.py login`.")
-    else:
-        print("Logged in as %s (%s plan), account %s" % (status["email"] or "unknown",
-                                                          status["plan"] or "unknown", status["account_id"] or "unknown"))
-        print("Token file: %s%s" % (status["token_file"], " (shared with the Codex CLI)" if status["shared_with_codex"] else ""))
-        if status["access_token_expires_at"]:
+        return 1
+    for n, entry in enumerate(status["accounts"]):
+        if len(status["accounts"]) > 1:
+            print("%sAccount %s:" % ("\n" if n else "", entry["account"]))
+        print("Logged in as %s (%s plan), account %s" % (entry["email"] or "unknown",
+                                                          entry["plan"] or "unknown", entry["account_id"] or "unknown"))
+        print("Token file: %s%s" % (entry["token_file"], " (shared with the Codex CLI)" if entry["shared_with_codex"] else ""))
+        if entry["access_token_expires_at"]:
             print("Access token %s %s; it is refreshed automatically." % (
-                "expired" if status["access_token_expired"] else "expires", status["access_token_expires_at"]))
-        if not status["usable"]:
-            print("This login cannot be refreshed. Run `python codex_proxy.py login`.")
-        for line in describe_quota(status["quota"]) or ["Usage windows: not known yet (add --live to ask)."]:
+                "expired" if entry["access_token_expired"] else "expires", entry["access_token_expires_at"]))
+        if not entry["usable"]:
+            print("This login cannot be refreshed. Run `python codex_proxy.py login%s`." % (
+                "" if entry["account"] == DEFAULT_ACCOUNT else " --account " + entry["account"]))
+        for line in describe_quota(entry["quota"]) or ["Usage windows: not known yet (add --live to ask)."]:
             print(line)
-    return 0 if status["usable"] else 1
+    return 0 if all(entry["usable"] for entry in status["accounts"]) else 1
+
+
+def cmd_usage(args):
+    """Tokens per day and model from the ledger, then every account's usage windows."""
+    config = Config()
+    totals = UsageLedger(config).totals(args.days)
+    accounts = login_status(config)["accounts"]
+    if args.json:
+        print(json.dumps({"days": [{"day": day, "model": model, "requests": r, "input_tokens": i,
+                                    "cached_tokens": c, "output_tokens": o}
+                                   for (day, model), (r, i, c, o) in totals.items()],
+                          "accounts": [{"account": a["account"], "email": a["email"], "quota": a["quota"]}
+                                       for a in accounts]}, indent=2))
+        return 0
+    if not totals:
+        print("No turns recorded in the last %d days (the proxy writes %s as it serves)."
+              % (args.days, UsageLedger(config).path))
+    else:
+        print("%-10s  %-18s %8s %12s %12s %10s" % ("DAY", "MODEL", "REQUESTS", "INPUT", "CACHED", "OUTPUT"))
+        sums = [0, 0, 0, 0]
+        for (day, model), row in totals.items():
+            print("%-10s  %-18s %8d %12d %12d %10d" % ((day, model) + tuple(row)))
+            sums = [a + b for a, b in zip(sums, row)]
+        print("%-10s  %-18s %8d %12d %12d %10d" % (("total", "") + tuple(sums)))
+    for entry in accounts:
+        lines = describe_quota(entry["quota"]) or ["Usage windows: not known yet (`status --live` asks)."]
+        print("\nAccount %s (%s):" % (entry["account"], entry["email"] or "unknown"))
+        for line in lines:
+            print("  " + line)
+    return 0
 
 
 def cmd_models(args):
@@ -4253,7 +4597,7 @@ def model_summary(slug, catalog):
 def cmd_logout(args):
     config = Config()
     removed = []
-    own = config.tokens_path
+    own = account_path(config, args.account)
     doc = read_auth_file(own)
     if doc is not None:
         try:   # best effort, as Codex does: the saved refresh token stops working at once
@@ -4263,6 +4607,8 @@ def cmd_logout(args):
         except LoginError:
             pass
     targets = [own] + ([config.codex_auth_path] if args.codex else [])
+    if args.account not in (None, DEFAULT_ACCOUNT):
+        targets = [own]
     for path in targets:
         for victim in (path, Path(str(path) + ".lock")):
             try:
@@ -4272,7 +4618,7 @@ def cmd_logout(args):
             except FileNotFoundError:
                 pass
     print("Removed %s." % " and ".join(removed) if removed else "No login saved in %s; nothing removed." % own)
-    if not args.codex and read_auth_file(config.codex_auth_path):
+    if not args.codex and args.account in (None, DEFAULT_ACCOUNT) and read_auth_file(config.codex_auth_path):
         print("The Codex CLI's login in %s remains and will be used; add --codex to remove it too."
               % config.codex_auth_path)
     return 0
@@ -4537,6 +4883,7 @@ def build_parser():
     login = commands.add_parser("login", help="sign in with ChatGPT",
                                 description="Sign in with ChatGPT (browser, or --device on a machine without one).")
     login.add_argument("--device", action="store_true", help="use the device-code flow (no browser on this machine)")
+    login.add_argument("--account", metavar="NAME", help="save it as another account, for failover (default: the main login)")
     login.add_argument("--no-browser", action="store_true", help="print the sign-in link without opening a browser")
     login.set_defaults(func=cmd_login)
     status = commands.add_parser("status", help="show the ChatGPT login",
@@ -4544,6 +4891,12 @@ def build_parser():
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--live", action="store_true", help="ask the backend for the current usage windows")
     status.set_defaults(func=cmd_status)
+    usage = commands.add_parser("usage", help="tokens used per day and model, and every account's windows",
+                                description="Tokens used per day and model (from CODEX_PROXY_HOME/usage.jsonl, one "
+                                            "line per turn, no content), then each account's usage windows.")
+    usage.add_argument("--days", type=int, default=30, help="how many days back (default 30)")
+    usage.add_argument("--json", action="store_true", help="print JSON")
+    usage.set_defaults(func=cmd_usage)
     models = commands.add_parser("models", help="list the Codex models of this account",
                                  description="List the models this ChatGPT account can use, with context "
                                              "window and reasoning efforts.")
@@ -4552,6 +4905,7 @@ def build_parser():
     logout = commands.add_parser("logout", help="remove the saved login",
                                  description="Remove the proxy's saved login (and Codex's with --codex).")
     logout.add_argument("--codex", action="store_true", help="also remove the Codex CLI's auth.json")
+    logout.add_argument("--account", metavar="NAME", help="remove that account's login instead of the main one")
     logout.set_defaults(func=cmd_logout)
     return parser
 

@@ -466,6 +466,10 @@ class FakeCodex(FakeServer):
         self.usage = None
         self.counts_tokens = False   # report input_tokens as counted by count_input()
         self.refuse = None           # (test of the body, status, error body): refuse like a changed backend
+        self.token_accounts = {}     # access token -> its ChatGPT account id (others: ACCOUNT_ID)
+        self.limits = {}             # account id -> (requests it serves, then usage_limit_reached resetting in s)
+        self.usage_headers = {}      # account id -> x-codex-* headers on its replies
+        self.served = {}             # account id -> requests that reached a reply
         self.issued = set()
         self.valid_tokens = {ACCESS_TOKEN}
         self.connections = 0
@@ -509,6 +513,7 @@ class FakeCodex(FakeServer):
             self.usage = None
             self.counts_tokens = False
             self.refuse = None
+            self.limits, self.usage_headers, self.served = {}, {}, {}
 
     def turn(self, model="gpt-5.5"):
         return Turn(self, model)
@@ -534,6 +539,13 @@ class FakeCodex(FakeServer):
             return self.send_json(handler, problem[0], {"detail": problem[1]})
         if self.refuse and self.refuse[0](body, headers):
             return self.send_json(handler, self.refuse[1], self.refuse[2])
+        account = headers["chatgpt-account-id"]
+        with self.lock:
+            served = self.served[account] = self.served.get(account, 0) + 1
+        if account in self.limits and served > self.limits[account][0]:
+            return self.send_json(handler, 429, {"error": {
+                "type": "usage_limit_reached", "message": "The usage limit has been reached", "plan_type": "plus",
+                "resets_in_seconds": self.limits[account][1]}}, {"x-codex-primary-used-percent": "100"})
         with self.lock:
             reply = self.script.popleft() if self.script else None
         if reply is None and self.default is not None:
@@ -546,6 +558,8 @@ class FakeCodex(FakeServer):
             return
         if reply.status != 200:
             return self.send_json(handler, reply.status, reply.body, reply.headers)
+        if account in self.usage_headers:
+            reply = Reply(events=reply.events, headers=dict(reply.headers, **self.usage_headers[account]))
         self.stream(handler, reply, body)
 
     def header_problem(self, path, headers, body):
@@ -553,7 +567,7 @@ class FakeCodex(FakeServer):
             return 404, "Not Found"
         if headers.get("authorization", "")[7:] not in self.valid_tokens:
             return 401, "Unauthorized"
-        if headers.get("chatgpt-account-id") != ACCOUNT_ID:
+        if headers.get("chatgpt-account-id") != self.token_accounts.get(headers["authorization"][7:], ACCOUNT_ID):
             return 403, "missing or wrong ChatGPT-Account-ID"
         if "text/event-stream" not in headers.get("accept", ""):
             return 400, "Accept must allow text/event-stream"
@@ -3500,6 +3514,165 @@ class TestAnthropicCompatibility(ProxyCase):
         self.assertNotIn("anthropic-beta", self.fake.requests[0]["headers"])
 
 
+WORK_TOKEN, WORK_ACCOUNT = "at-work-" + "w" * 36, "acct-work-5678"
+
+
+class AccountsCase(ProxyCase):
+    """The default login plus a second one, "work", on another ChatGPT account."""
+
+    def setUp(self):
+        ProxyCase.setUp(self)
+        self.fake.valid_tokens.add(WORK_TOKEN)
+        self.fake.token_accounts[WORK_TOKEN] = WORK_ACCOUNT
+        write_tokens(self.home / "accounts" / "work.json", access=WORK_TOKEN, account=WORK_ACCOUNT)
+        self.addCleanup(lambda: (self.home / "accounts" / "work.json").unlink())
+        pool = self.proxy.accounts
+        pool.sticky.clear()
+        pool.failovers = 0
+        for account in pool.accounts():
+            account.resting_until, account.quota = 0, None
+        self.fake.usage_headers = {ACCOUNT_ID: {"x-codex-primary-used-percent": "10"},
+                                   WORK_ACCOUNT: {"x-codex-primary-used-percent": "40"}}
+
+    def accounts_used(self):
+        return [r["headers"]["chatgpt-account-id"] for r in self.fake.requests]
+
+
+@needs(anthropic, "anthropic SDK not installed (pip install anthropic)")
+class TestAccountFailover(AccountsCase):
+    """Several logins: conversations stick to one, new ones go where the headroom is,
+    an exhausted login rests until its reset, and the client never sees its 429."""
+
+    def test_50_conversations_fail_over_from_an_exhausted_account_without_a_429(self):
+        self.fake.default = self.fake.turn().text("ok").completed()
+        self.fake.limits = {ACCOUNT_ID: (40, 3600)}   # the default account runs out after 40 replies
+        client = anthropic.Anthropic(api_key=PROXY_KEY, base_url=self.proxy.url, max_retries=0)
+        conversations = {"conv-%02d" % n: [user("task %d" % n)] for n in range(50)}
+        seen_429 = 0
+        for turn in range(3):
+            for session, messages in conversations.items():
+                try:
+                    reply = client.messages.create(model="claude-opus-4-8", max_tokens=1024, messages=messages,
+                                                   system="You are Claude Code.", tools=[BASH_TOOL],
+                                                   extra_headers={"X-Claude-Code-Session-Id": session})
+                except anthropic.RateLimitError:
+                    seen_429 += 1
+                    continue
+                messages += [{"role": "assistant", "content": reply.content[0].text}, user("next %d" % turn)]
+        self.assertEqual(seen_429, 0)
+        by_session = collections.defaultdict(list)
+        for request in self.fake.requests:
+            by_session[request["headers"]["session-id"]].append(request["headers"]["chatgpt-account-id"])
+        self.assertEqual(len(by_session), 50)
+        first_429 = next(n for n, r in enumerate(self.fake.requests)
+                         if r["headers"]["chatgpt-account-id"] == ACCOUNT_ID
+                         and sum(1 for q in self.fake.requests[:n + 1] if q["headers"]["chatgpt-account-id"] == ACCOUNT_ID) > 40)
+        after = [r["headers"]["chatgpt-account-id"] for r in self.fake.requests[first_429 + 1:]]
+        self.assertNotIn(ACCOUNT_ID, after, "the exhausted account got no request before its reset")
+        for session, used in by_session.items():
+            switches = [n for n in range(1, len(used)) if used[n] != used[n - 1]]
+            self.assertLessEqual(len(switches), 1, session)
+            if switches:   # it moved once: from the exhausted account, when it ran out
+                self.assertEqual((used[switches[0] - 1], used[switches[0]]), (ACCOUNT_ID, WORK_ACCOUNT), session)
+        self.assertEqual(by_session[self.fake.requests[0]["headers"]["session-id"]][0], ACCOUNT_ID,
+                         "new conversations went to the account with the most headroom")
+        counts = collections.Counter(self.accounts_used())
+        report("accounts: 50 conversations x 3 turns; requests per account %s; %d failovers; "
+               "429s seen by the client: %d" % ({"default": counts[ACCOUNT_ID], "work": counts[WORK_ACCOUNT]},
+                                                self.proxy.accounts.failovers, seen_429))
+        self.assertGreater(self.proxy.accounts.failovers, 0)
+
+    def test_when_every_account_is_exhausted_the_client_gets_the_earliest_reset(self):
+        self.fake.default = self.fake.turn().text("ok").completed()
+        self.fake.limits = {ACCOUNT_ID: (0, 7200), WORK_ACCOUNT: (0, 1800)}
+        answer = self.post(BASIC)
+        self.assertEqual(answer.status, 429)
+        self.assertIn("All 2 ChatGPT logins have reached their Codex usage limit", answer.json()["error"]["message"])
+        self.assertAlmostEqual(int(answer.headers["retry-after"]), 1800, delta=5)
+        tried = len(self.fake.requests)
+        again = self.post(BASIC)
+        self.assertEqual(again.status, 429)
+        self.assertEqual(len(self.fake.requests), tried, "resting accounts get no request before their reset")
+
+
+class TestAccounts(AccountsCase):
+    """The accounts themselves: choice, refusal, reasoning bound to its account."""
+
+    def test_a_refused_login_moves_the_turn_to_the_other_account(self):
+        self.fake.valid_tokens.discard(ACCESS_TOKEN)
+        self.addCleanup(self.fake.valid_tokens.add, ACCESS_TOKEN)
+        self.fake.reply(self.fake.turn().text("from work").completed())
+        answer = self.post(BASIC)
+        self.assertEqual(answer.json()["content"][0]["text"], "from work")
+        self.assertEqual(self.accounts_used()[-1], WORK_ACCOUNT)
+
+    def test_reasoning_from_one_account_is_not_sent_to_another(self):
+        self.fake.reply(self.fake.turn().reasoning(["think"]).text("a").completed())
+        first = self.post(dict(BASIC, thinking={"type": "adaptive"})).json()
+        thinking = first["content"][0]
+        self.assertTrue(thinking["signature"].startswith("cxp1:gpt-5.5@"))
+        self.assertEqual(self.accounts_used(), [ACCOUNT_ID])
+        history = [user("hi"), {"role": "assistant", "content": first["content"]}, user("more")]
+        work = self.proxy.accounts.get("work")
+        codex, _ = cp.translate_request(dict(BASIC, messages=history, thinking={"type": "adaptive"}), {},
+                                        self.config, account=work)
+        self.assertNotIn("reasoning", [i["type"] for i in codex["input"]])
+        codex, _ = cp.translate_request(dict(BASIC, messages=history, thinking={"type": "adaptive"}), {},
+                                        self.config, account=self.proxy.accounts.default)
+        self.assertIn("reasoning", [i["type"] for i in codex["input"]])
+
+    def test_status_lists_every_account(self):
+        env = dict(os.environ, CODEX_PROXY_HOME=str(self.home), CODEX_HOME=str(self.home / "codex-home"))
+        result = subprocess.run([sys.executable, str(HERE / "codex_proxy.py"), "status", "--json"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        status = json.loads(result.stdout)
+        self.assertEqual([a["account"] for a in status["accounts"]], ["default", "work"])
+        self.assertEqual(status["accounts"][1]["account_id"], WORK_ACCOUNT)
+        text = subprocess.run([sys.executable, str(HERE / "codex_proxy.py"), "status"], env=env,
+                              capture_output=True, text=True, timeout=60).stdout
+        self.assertIn("Account work:", text)
+
+    def test_the_codex_login_joins_once_when_it_is_another_account(self):
+        pool = cp.AccountPool(self.config)
+        self.assertEqual([a.name for a in pool.accounts()], ["default", "work"])
+        write_tokens(self.config.codex_auth_path, access=WORK_TOKEN, account=WORK_ACCOUNT)
+        self.addCleanup(self.config.codex_auth_path.unlink)
+        self.assertEqual([a.name for a in cp.AccountPool(self.config).accounts()], ["default", "work"],
+                         "the same account as work: counted once")
+        write_tokens(self.config.codex_auth_path, access="at-codex-" + "c" * 30, account="acct-codex")
+        self.assertEqual([a.name for a in cp.AccountPool(self.config).accounts()], ["default", "work", "codex"])
+
+
+class TestUsageLedger(ProxyCase):
+    """`usage`: tokens per day and model from a ledger with no content."""
+
+    def test_usage_prints_a_table_from_the_ledger_the_proxy_wrote(self):
+        ledger = self.home / "usage.jsonl"
+        if ledger.exists():
+            ledger.unlink()
+        self.fake.reply(self.fake.turn().text("secret answer").completed(input_tokens=1000, cached=600, output_tokens=50),
+                        self.fake.turn().text("more").completed(input_tokens=1200, cached=900, output_tokens=70),
+                        self.fake.turn("gpt-5.4-mini").text("small").completed(input_tokens=300, output_tokens=20))
+        for body in (BASIC, BASIC, dict(BASIC, model="claude-haiku-4-5")):
+            self.assertEqual(self.post(body).status, 200)
+        lines = [json.loads(l) for l in ledger.read_text().splitlines()]
+        self.assertEqual([(l["model"], l["input"], l["cached"], l["output"]) for l in lines],
+                         [("gpt-5.5", 1000, 600, 50), ("gpt-5.5", 1200, 900, 70), ("gpt-5.4-mini", 300, 0, 20)])
+        self.assertNotIn("secret", ledger.read_text())
+        self.assertEqual(stat.S_IMODE(ledger.stat().st_mode), 0o600)
+        env = dict(os.environ, CODEX_PROXY_HOME=str(self.home), CODEX_HOME=str(self.home / "codex-home"))
+        out = subprocess.run([sys.executable, str(HERE / "codex_proxy.py"), "usage"], env=env,
+                             capture_output=True, text=True, timeout=60).stdout
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        self.assertRegex(out, r"%s\s+gpt-5\.4-mini\s+1\s+300\s+0\s+20" % day)
+        self.assertRegex(out, r"%s\s+gpt-5\.5\s+2\s+2200\s+1500\s+120" % day)
+        self.assertRegex(out, r"total\s+3\s+2500\s+1500\s+140")
+        self.assertIn("Account default", out)
+        doc = json.loads(subprocess.run([sys.executable, str(HERE / "codex_proxy.py"), "usage", "--json"], env=env,
+                                        capture_output=True, text=True, timeout=60).stdout)
+        self.assertEqual(sum(d["requests"] for d in doc["days"]), 3)
+
+
 # ---------------------------------------------------------------------------
 # Hardening: nobody else spends the subscription, bad input never crashes it
 # ---------------------------------------------------------------------------
@@ -4301,7 +4474,7 @@ class TestQuota(ProxyCase):
 
     def test_status_shows_the_windows_the_backend_sent_and_live_asks_again(self):
         from unittest import mock
-        self.proxy._quota_saved = 0
+        self.proxy.accounts._quota_saved = 0
         self.fake.reply(Reply(events=self.fake.turn().text("ok").completed(), headers=USAGE_HEADERS))
         self.assertEqual(self.post(BASIC).status, 200)
         deadline = time.monotonic() + 10   # the proxy saves it just after the reply went out
@@ -4542,7 +4715,7 @@ class TestManual(unittest.TestCase):
     def help_texts(self):
         import contextlib, io
         texts = {}
-        for command in ("", "start", "login", "status", "logout", "models", "env", "claude", "doctor"):
+        for command in ("", "start", "login", "status", "logout", "models", "env", "claude", "doctor", "usage"):
             out = io.StringIO()
             with contextlib.redirect_stdout(out), self.assertRaises(SystemExit):
                 cp.main(([command] if command else []) + ["--help"])
@@ -4557,7 +4730,7 @@ class TestManual(unittest.TestCase):
         texts = self.help_texts()
         manual = self.manual()
         helps = "\n".join(texts.values())
-        readme_commands = set(re.findall(r"codex_proxy\.py (start|login|status|logout|models|env|claude|doctor)\b", manual))
+        readme_commands = set(re.findall(r"codex_proxy\.py (start|login|status|logout|models|env|claude|doctor|usage)\b", manual))
         help_commands = set(re.findall(r"^    (\w+)\s{2,}", texts[""], re.M))
         self.assertEqual(readme_commands, help_commands)
         readme_flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", manual)) - {"--"}
