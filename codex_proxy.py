@@ -39,11 +39,24 @@ Configuration: flags win over the environment, which wins over defaults; the
 variables are listed by ``python codex_proxy.py --help`` and in README.md.
 Claude model names with opus/sonnet/haiku map to CODEX_PROXY_OPUS_MODEL etc.
 (gpt-5.5, gpt-5.5, gpt-5.4-mini); ``MODEL:EFFORT`` sets the reasoning effort.
+Outgoing calls honour HTTPS_PROXY / NO_PROXY and SSL_CERT_FILE.
 
-Sections, in data-flow order: configuration, token store, OAuth, request
-translation (Anthropic -> Responses), stream translation (one reducer:
-Responses events -> Anthropic events; non-streaming replies fold the same
-events), upstream client, HTTP server, command line.
+What the Anthropic API has and the backend lacks is emulated (stop sequences,
+max_tokens, message threads, context management, mid-conversation tool
+changes, Anthropic's client tools) or refused with a 400 that names it; the
+README's "Anthropic API compatibility" table lists every field, block and tool.
+When the backend refuses part of a request, the proxy retries once without it
+and remembers that for the model (``doctor`` lists it). With several logins
+(``login --account NAME``) a conversation stays on one, and moves on when its
+usage limit is reached.
+
+Sections, in data-flow order: configuration (with outgoing connections), token
+store (with the account pool), OAuth, request translation (Anthropic ->
+Responses, with learned downgrades), conversation state kept between turns
+(message threads, hidden reasoning), stream translation (one reducer: Responses
+events -> Anthropic events; non-streaming replies fold the same events),
+upstream client (with the usage ledger), HTTP server (with the lobby for new
+connections), command line.
 """
 
 import argparse
