@@ -4899,8 +4899,8 @@ def build_parser():
     login.add_argument("--account", metavar="NAME", help="save it as another account, for failover (default: the main login)")
     login.add_argument("--no-browser", action="store_true", help="print the sign-in link without opening a browser")
     login.set_defaults(func=cmd_login)
-    status = commands.add_parser("status", help="show the ChatGPT login",
-                                 description="Show the login in use; exit 0 when it is usable, 1 otherwise.")
+    status = commands.add_parser("status", help="show every ChatGPT login",
+                                 description="Show every login; exit 0 when they are usable, 1 otherwise.")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--live", action="store_true", help="ask the backend for the current usage windows")
     status.set_defaults(func=cmd_status)
