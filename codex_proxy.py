@@ -569,14 +569,17 @@ class Account:
         self.quota = None          # the last x-codex-* windows seen for it
         self.resting_until = 0.0   # exhausted or refused: not chosen before this time
         self.rest_reason = None
+        self._tagged = (None, "")
 
     @property
     def tag(self):
         """A short mark of the ChatGPT account, put in thinking signatures: encrypted
         reasoning can only be sent back to the account that made it."""
         doc = self.store.load()
-        account_id = account_info(doc["tokens"])["account_id"] if doc else None
-        return digest_of(account_id)[:8] if account_id else ""
+        if doc is not self._tagged[0]:   # the store hands back the same document until the file changes
+            account_id = account_info(doc["tokens"])["account_id"] if doc else None
+            self._tagged = (doc, digest_of(account_id)[:8] if account_id else "")
+        return self._tagged[1]
 
     def headroom(self):
         """Percent left in the fullest usage window (100 when not known yet)."""
@@ -3671,6 +3674,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if "model" in note:
             line += " %s -> %s (%s) %s" % (note["model"], note["upstream_model"], note["effort"],
                                            "stream" if note["stream"] else "json")
+            if note.get("account", DEFAULT_ACCOUNT) != DEFAULT_ACCOUNT:
+                line += " account=" + note["account"]
             if "input_tokens" in note:
                 line += " in=%d cached=%d out=%d" % (note["input_tokens"], note["cached_tokens"], note["output_tokens"])
             if "first_token_ms" in record:

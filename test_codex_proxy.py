@@ -3252,9 +3252,17 @@ class TestMessageThreads(ThreadCase):
                % (len(store.threads), store.bytes / 1e6, current / 1e6, peak / 1e6))
 
     def test_threads_never_touch_disk(self):
-        before = sorted(p.name for p in self.home.iterdir())
-        self.create()
-        self.assertEqual(sorted(p.name for p in self.home.iterdir()), before)
+        marker = "thread-marker-" + secrets.token_hex(8)
+        ledger = self.home / "usage.jsonl"
+        turns = lambda: len(ledger.read_text().splitlines()) if ledger.exists() else 0
+        before = turns()
+        self.create(text=marker)
+        deadline = time.monotonic() + 10   # the ledger line is the last thing written after a reply
+        while turns() == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for path in self.home.rglob("*"):
+            if path.is_file():
+                self.assertNotIn(marker, path.read_text(errors="replace"), path)
 
 
 class TestHiddenReasoning(unittest.TestCase):
@@ -3598,6 +3606,21 @@ class TestAccountFailover(AccountsCase):
 class TestAccounts(AccountsCase):
     """The accounts themselves: choice, refusal, reasoning bound to its account."""
 
+    def test_new_conversations_go_to_the_most_headroom_and_stay(self):
+        pool = cp.AccountPool(self.config)
+        default, work = pool.get("default"), pool.get("work")
+        pool.note_quota(default, {"windows": {"primary": {"used_percent": 85.0}}})
+        pool.note_quota(work, {"windows": {"primary": {"used_percent": 30.0}, "secondary": {"used_percent": 50.0}}})
+        self.assertEqual(pool.choose("conv-a").name, "work")
+        pool.note_quota(work, {"windows": {"primary": {"used_percent": 95.0}}})
+        self.assertEqual(pool.choose("conv-b").name, "default", "the freshest account now")
+        self.assertEqual(pool.choose("conv-a").name, "work", "a conversation stays where it began")
+        pool.rest(work, time.time() + 60, "exhausted")
+        self.assertEqual(pool.choose("conv-a").name, "default", "until its account rests")
+        pool.rest(default, time.time() + 30, "exhausted")
+        self.assertIsNone(pool.choose("conv-c"))
+        self.assertAlmostEqual(int(pool.exhausted_error().headers["retry-after"]), 30, delta=2)
+
     def test_a_refused_login_moves_the_turn_to_the_other_account(self):
         self.fake.valid_tokens.discard(ACCESS_TOKEN)
         self.addCleanup(self.fake.valid_tokens.add, ACCESS_TOKEN)
@@ -3643,6 +3666,24 @@ class TestAccounts(AccountsCase):
         self.assertEqual([a.name for a in cp.AccountPool(self.config).accounts()], ["default", "work", "codex"])
 
 
+class TestAccountInTheLog(AccountsCase):
+
+    def test_the_request_log_names_the_account(self):
+        path = self.home / "requests.jsonl"
+        self.config.log_file, self.proxy.log_file = str(path), open(str(path), "a", encoding="utf-8")
+        self.addCleanup(setattr, self.config, "log_file", None)
+        self.addCleanup(setattr, self.proxy, "log_file", None)
+        self.addCleanup(self.proxy.log_file.close)
+        self.proxy.accounts.rest(self.proxy.accounts.default, time.time() + 60, "test")
+        self.fake.reply(self.fake.turn().text("ok").completed())
+        self.assertEqual(self.post(BASIC).status, 200)
+        deadline = time.monotonic() + 10   # written just after the reply went out
+        while not path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        record = json.loads(path.read_text().splitlines()[-1])
+        self.assertEqual(record["account"], "work")
+
+
 class TestUsageLedger(ProxyCase):
     """`usage`: tokens per day and model from a ledger with no content."""
 
@@ -3655,6 +3696,9 @@ class TestUsageLedger(ProxyCase):
                         self.fake.turn("gpt-5.4-mini").text("small").completed(input_tokens=300, output_tokens=20))
         for body in (BASIC, BASIC, dict(BASIC, model="claude-haiku-4-5")):
             self.assertEqual(self.post(body).status, 200)
+        deadline = time.monotonic() + 10   # each line is written just after its reply went out
+        while len(ledger.read_text().splitlines()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
         lines = [json.loads(l) for l in ledger.read_text().splitlines()]
         self.assertEqual([(l["model"], l["input"], l["cached"], l["output"]) for l in lines],
                          [("gpt-5.5", 1000, 600, 50), ("gpt-5.5", 1200, 900, 70), ("gpt-5.4-mini", 300, 0, 20)])
@@ -4667,6 +4711,25 @@ class TestDoctor(CliCase):
         self.assertEqual(result.returncode, 1)
         self.assertIn("\u2717 Could not refresh the ChatGPT login", result.stdout)
         self.assertIn("fix: run `python codex_proxy.py login`", result.stdout)
+
+    def test_doctor_lists_what_the_proxy_learned_to_leave_out(self):
+        self.fake.refuse = (REFUSALS[0][2], 400, REFUSALS[0][3])   # the backend refuses tool_choice
+        self.fake.reply(self.fake.turn().text("forced").completed())
+        self.script_healthy()
+        config = make_config(self.home, self.fake.url)
+        proxy = cp.ProxyServer(config)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.server_address[1], timeout=30)
+        conn.request("POST", "/v1/messages", json.dumps(dict(BASIC, tools=[BASH_TOOL], tool_choice={"type": "any"})),
+                     {"x-api-key": PROXY_KEY, "Content-Type": "application/json"})
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+        proxy.shutdown()
+        proxy.server_close()
+        result = self.run_cli("doctor")
+        self.assertRegex(result.stdout, r"! gpt-5\.5: the backend refused a request part, so until [\d-]+ [\d:]+ UTC: "
+                                        r"tool_choice is sent as \"auto\"")
+        self.assertEqual(result.returncode, 0, result.stdout)
 
     def test_models_not_on_the_plan_are_named_with_the_fix(self):
         self.fake.catalog = [m for m in FAKE_CATALOG if m["slug"] != "gpt-5.4-mini"]
