@@ -609,6 +609,7 @@ class AccountPool:
         self._quota_saved = 0.0
         self._accounts = {DEFAULT_ACCOUNT: Account(DEFAULT_ACCOUNT, TokenStore(config))}
         self._seen = None
+        self._looked = -1.0
         saved = load_quota(config)
         for name, quota in saved.items():
             if name in self._accounts:
@@ -628,7 +629,11 @@ class AccountPool:
         return self._accounts.get(name)
 
     def _discover(self):
-        """Look for added or removed account files: a few stats per request."""
+        """Look for added or removed account files, at most once a second."""
+        now = time.monotonic()
+        if now - self._looked < 1.0:
+            return
+        self._looked = now
         try:
             seen = (self.folder.stat().st_mtime_ns, self.config.tokens_path.exists(),
                     self.config.codex_auth_path.exists())
@@ -669,13 +674,15 @@ class AccountPool:
                 return
 
     def choose(self, cache_key, exclude=()):
-        """The account for a request of this conversation: its own while it can serve,
-        else the one with the most headroom; None when every one rests (or is excluded)."""
+        """The account for a request of this conversation (``cache_key``: the key, or a
+        function that gives it): its own while it can serve, else the one with the most
+        headroom; None when every one rests (or is excluded)."""
         accounts = [a for a in self.accounts() if a.name not in exclude]
+        if len(accounts) == 1 and not exclude:
+            return accounts[0]   # one login: nothing to choose
         if not accounts:
             return None
-        if len(accounts) == 1 and not exclude:
-            return accounts[0]
+        cache_key = cache_key() if callable(cache_key) else cache_key
         now = time.time()
         with self.lock:
             name = self.sticky.get(cache_key)
@@ -1091,6 +1098,7 @@ class RequestContext:
         self.context_window = context_window
         self.thread_turn = None                  # a ThreadTurn when the request is on a message thread
         self.account = None                      # the Account it goes to (AccountPool)
+        self.tried_accounts = set()              # names of the accounts that could not serve it
         self.max_tokens = None                   # the reply is cut there (estimated), as the backend has no cap
         self.lite = lite                         # sent in the Responses Lite shape
         self.models = models                     # the models this account can use, as far as known
@@ -3810,9 +3818,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _account_for(self, body):
         """The login that serves this request (AccountPool): the conversation's own, or the freshest."""
         pool = self.server.accounts
-        key = None
-        if len(pool.accounts()) > 1 and isinstance(body, dict) and isinstance(body.get("messages"), list):
-            key = prompt_cache_key(body, {k.lower(): v for k, v in self.headers.items()})
+
+        def key():   # only asked for when there is more than one login
+            if isinstance(body, dict) and isinstance(body.get("messages"), list):
+                return prompt_cache_key(body, {k.lower(): v for k, v in self.headers.items()})
+            return None
         account = pool.choose(key)
         if account is None:
             raise pool.exhausted_error() if pool.accounts() else not_logged_in()
@@ -3962,8 +3972,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if len(pool.accounts()) < 2:
             return None   # one login: nothing to move to, and nothing rests
         pool.rest(context.account, *account_trouble(error))
-        tried = context.tried_accounts = getattr(context, "tried_accounts", set()) | {context.account.name}
-        account = pool.choose(context.cache_key, exclude=tried)
+        context.tried_accounts.add(context.account.name)
+        account = pool.choose(context.cache_key, exclude=context.tried_accounts)
         if account is None:
             return None
         pool.failovers += 1

@@ -3535,6 +3535,7 @@ class AccountsCase(ProxyCase):
         write_tokens(self.home / "accounts" / "work.json", access=WORK_TOKEN, account=WORK_ACCOUNT)
         self.addCleanup(lambda: (self.home / "accounts" / "work.json").unlink())
         pool = self.proxy.accounts
+        pool._looked = -1.0   # look for account files now, not up to a second later
         pool.sticky.clear()
         pool.failovers = 0
         for account in pool.accounts():
