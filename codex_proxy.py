@@ -568,7 +568,6 @@ class Account:
         self.store = store
         self.quota = None          # the last x-codex-* windows seen for it
         self.resting_until = 0.0   # exhausted or refused: not chosen before this time
-        self.rest_reason = None
         self._tagged = (None, "")
 
     @property
@@ -711,11 +710,10 @@ class AccountPool:
                          % (len(resting), first.name, human_duration(first.resting_until - time.time())))
         return error
 
-    def rest(self, account, until, reason):
+    def rest(self, account, until):
         """``account`` is exhausted (or refused) until ``until``: its conversations move on."""
         with self.lock:
             account.resting_until = max(account.resting_until, until)
-            account.rest_reason = reason
 
     def note_quota(self, account, quota):
         """Keep an account's newest usage windows; on disk too (for `status`), at most every 10 s."""
@@ -753,7 +751,7 @@ def account_trouble(error):
     now = time.time()
     if error.status == 401:
         return now + 600, "the login was refused"
-    code = getattr(error, "code", None)
+    code = error.code
     if code == "usage_limit_reached":
         return now + error.reset_seconds, "its usage limit is reached"
     if code in ("insufficient_quota", "usage_not_included"):
@@ -814,18 +812,18 @@ def oauth_post(url, fields=None, doc=None, timeout=30):
     headers = {"Content-Type": kind, "Accept": "application/json", "originator": ORIGINATOR,
                "User-Agent": "%s/%s codex-proxy/%s" % (ORIGINATOR, CODEX_CLIENT_VERSION, __version__)}
     parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    proxy = proxy_for(parts.scheme, parts.hostname or "", port)
     conn = None
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        conn = outbound_connection(parts.scheme, parts.hostname, port, timeout,
-                                   proxy_for(parts.scheme, parts.hostname, port))
+        conn = outbound_connection(parts.scheme, parts.hostname, port, timeout, proxy)
         headers.update(getattr(conn, "proxy_headers", None) or {})
         conn.request("POST", conn.target(parts.path + ("?" + parts.query if parts.query else "")), data, headers)
         response = conn.getresponse()
         status, raw = response.status, response.read()
     except (OSError, ValueError, http.client.HTTPException) as exc:
         raise LoginError("Cannot reach %s (%s). Check your network connection%s." % (
-            url, describe(exc), " and HTTPS_PROXY" if proxy_for(parts.scheme, parts.hostname or "", 443) else ""))
+            url, describe(exc), " and HTTPS_PROXY" if proxy else ""))
     finally:
         if conn is not None:
             conn.close()
@@ -1149,8 +1147,9 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
     tools = translate_tools(body.get("tools"), state)
     items = []
     add_developer_message(items, system_texts(body.get("system")))
+    last_user = max([i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"] or [-1])
     for i, message in enumerate(messages):
-        translate_message(items, message, "messages.%d" % i, state)
+        translate_message(items, message, "messages.%d" % i, state, followed_by_user=i < last_user)
     tools = state.apply_tool_changes(tools)
     items = manage_context(repair_tool_pairs(items), body.get("context_management"))
     names = state.names
@@ -1179,8 +1178,9 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
     text = {}
     if entry.get("support_verbosity") and entry.get("default_verbosity") in ("low", "medium", "high"):
         text["verbosity"] = entry["default_verbosity"]   # what Codex sends for the model
-    if output_format(body):
-        text["format"] = output_format(body)
+    text_format = output_format(body)
+    if text_format:
+        text["format"] = text_format
     if text:
         codex["text"] = text
     rules = downgrades.for_model(model) if downgrades else ()
@@ -1530,12 +1530,15 @@ class Conversation:
         self.changes = []    # ("add" | "remove", client name, Codex tool or None), in order
 
     def declare(self, name, definition):
+        self.declared[name] = self.function_tool(name, definition)
+        return self.declared[name]
+
+    def function_tool(self, name, definition):
+        """The Codex function tool for a client tool, its (description, input_schema)."""
         self.names[name] = codex_tool_name(name)
         description, schema = definition
-        tool = {"type": "function", "name": self.names[name], "description": description,
+        return {"type": "function", "name": self.names[name], "description": description,
                 "parameters": tool_parameters(schema), "strict": False}
-        self.declared[name] = tool
-        return tool
 
     def tool_change(self, block, path):
         """A tool_addition / tool_removal block -> the note the model reads at that point."""
@@ -1546,10 +1549,7 @@ class Conversation:
             name = definition.get("name")
             if not isinstance(name, str) or not name:
                 raise invalid_request(path + ".tool.definition.name: field required.")
-            self.names[name] = codex_tool_name(name)
-            description, schema = client_tool_definition(definition, path + ".tool.definition")
-            tool = {"type": "function", "name": self.names[name], "description": description,
-                    "parameters": tool_parameters(schema), "strict": False}
+            tool = self.function_tool(name, client_tool_definition(definition, path + ".tool.definition"))
             self.changes.append(("add", name, tool))
         elif ref.get("type") == "tool_reference" and isinstance(ref.get("name"), str):
             name = ref["name"]
@@ -1621,10 +1621,11 @@ def translate_tool_choice(choice, tools, names):
     return "auto", parallel
 
 
-def system_texts(system, state=None, path="system"):
+def system_texts(system, state=None, path="system", shown=True):
     """System text (a string or blocks) -> texts, without the billing line. In a
     mid-conversation system message, tool_addition / tool_removal blocks change
-    the tools offered (``state``) and leave a note for the model at that point."""
+    the tools offered (``state``) and leave a note for the model at that point;
+    they do so even where the message's own text is no longer ``shown``."""
     if isinstance(system, str):
         system = [{"type": "text", "text": system}]
     if not isinstance(system, list):
@@ -1637,7 +1638,7 @@ def system_texts(system, state=None, path="system"):
             texts.append(state.tool_change(block, "%s.%d" % (path, j)))
             continue
         text = block.get("text") if isinstance(block, dict) else block
-        if isinstance(text, str) and text.strip() and not text.startswith(BILLING_HEADER):
+        if shown and isinstance(text, str) and text.strip() and not text.startswith(BILLING_HEADER):
             texts.append(text)
     return texts
 
@@ -1669,7 +1670,7 @@ def content_blocks(content, path):
     return blocks
 
 
-def translate_message(items, message, path, state):
+def translate_message(items, message, path, state, followed_by_user=False):
     if not isinstance(message, dict):
         raise invalid_request(path + ": must be an object with role and content.")
     role = message.get("role")
@@ -1679,7 +1680,9 @@ def translate_message(items, message, path, state):
     elif role == "assistant":
         translate_assistant_blocks(items, blocks, state)
     elif role == "system":
-        add_developer_message(items, system_texts(blocks, state, path + ".content"))
+        # clear_at "next_user_message": shown only until a later user message exists
+        shown = not (followed_by_user and message.get("clear_at") == "next_user_message")
+        add_developer_message(items, system_texts(blocks, state, path + ".content", shown))
     else:
         raise invalid_request(path + '.role: must be "user", "assistant" or "system".')
 
@@ -3952,8 +3955,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 downgraded.add(error.downgrade[0])   # each rule once: never a loop
                 payload = self._downgrade(context, *error.downgrade)
                 continue
-            if account_trouble(error) and not self.sse_started and context.account:
-                moved = self._fail_over(context, error)
+            trouble = account_trouble(error)
+            if trouble and not self.sse_started and context.account:
+                moved = self._fail_over(context, *trouble)
                 if moved is not None:
                     payload = moved
                     continue
@@ -3965,20 +3969,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self._reply_error(error)
             return
 
-    def _fail_over(self, context, error):
-        """The account cannot serve (exhausted, refused): rest it and move the turn to
-        another login, without its reasoning (bound to the account). -> the new body, or None."""
+    def _fail_over(self, context, until, why):
+        """The account cannot serve (exhausted, refused) until ``until``: rest it and move
+        the turn to another login, without its reasoning (bound to the account).
+        -> the new body, or None."""
         pool = self.server.accounts
         if len(pool.accounts()) < 2:
             return None   # one login: nothing to move to, and nothing rests
-        pool.rest(context.account, *account_trouble(error))
+        pool.rest(context.account, until)
         context.tried_accounts.add(context.account.name)
         account = pool.choose(context.cache_key, exclude=context.tried_accounts)
         if account is None:
             return None
         pool.failovers += 1
-        self._log("account %s: %s; moving the request to account %s." % (
-            context.account.name, account_trouble(error)[1], account.name))
+        self._log("account %s: %s; moving the request to account %s." % (context.account.name, why, account.name))
         context.account = account
         if self.note is not None:
             self.note["account"] = account.name
@@ -4488,7 +4492,7 @@ def account_status(account):
         "usable": doc is not None and (not expired or bool(tokens.get("refresh_token"))),
         "email": info["email"], "plan": info["plan"], "account_id": info["account_id"],
         "token_file": str(store.path) if doc else None,
-        "shared_with_codex": bool(doc) and store.path == store.config.codex_auth_path,
+        "shared_with_codex": bool(doc) and store.shared_with_codex,
         "access_token_expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry)) if expiry else None,
         "access_token_expired": expired,
         "last_refresh": doc.get("last_refresh") if doc else None,
@@ -4563,7 +4567,8 @@ def cmd_status(args):
 def cmd_usage(args):
     """Tokens per day and model from the ledger, then every account's usage windows."""
     config = Config()
-    totals = UsageLedger(config).totals(args.days)
+    ledger = UsageLedger(config)
+    totals = ledger.totals(args.days)
     accounts = login_status(config)["accounts"]
     if args.json:
         print(json.dumps({"days": [{"day": day, "model": model, "requests": r, "input_tokens": i,
@@ -4574,7 +4579,7 @@ def cmd_usage(args):
         return 0
     if not totals:
         print("No turns recorded in the last %d days (the proxy writes %s as it serves)."
-              % (args.days, UsageLedger(config).path))
+              % (args.days, ledger.path))
     else:
         print("%-10s  %-18s %8s %12s %12s %10s" % ("DAY", "MODEL", "REQUESTS", "INPUT", "CACHED", "OUTPUT"))
         sums = [0, 0, 0, 0]

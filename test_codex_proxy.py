@@ -3404,6 +3404,10 @@ COMPATIBILITY = [
      lambda t, c, x: t.assertEqual(c["input"][1]["role"], "developer")),
     ("role: system messages", "works", {"messages": [user("a"), {"role": "system", "content": "Later rule."}]},
      lambda t, c, x: t.assertEqual((c["input"][1]["role"], upstream_texts(c)[1]), ("developer", "Later rule."))),
+    ("clear_at", "works", {"messages": [user("a"), {"role": "system", "content": "Only now.", "clear_at": "next_user_message"},
+                                        {"role": "system", "content": "Always.", "clear_at": "never"}, user("b"),
+                                        {"role": "system", "content": "Just for b.", "clear_at": "next_user_message"}]},
+     lambda t, c, x: t.assertEqual(upstream_texts(c), ["a", "Always.", "b", "Just for b."])),
     ("tool_addition / tool_removal", "works", {"tools": [BASH_TOOL], "messages": TOOL_CHANGES},
      lambda t, c, x: t.assertEqual([tool["name"] for tool in c["tools"]], ["Deploy"])),
     ("tool_reference", "emulated", {"tools": [BASH_TOOL], "messages": [user("go"), {"role": "assistant", "content": [
@@ -3616,9 +3620,9 @@ class TestAccounts(AccountsCase):
         pool.note_quota(work, {"windows": {"primary": {"used_percent": 95.0}}})
         self.assertEqual(pool.choose("conv-b").name, "default", "the freshest account now")
         self.assertEqual(pool.choose("conv-a").name, "work", "a conversation stays where it began")
-        pool.rest(work, time.time() + 60, "exhausted")
+        pool.rest(work, time.time() + 60)
         self.assertEqual(pool.choose("conv-a").name, "default", "until its account rests")
-        pool.rest(default, time.time() + 30, "exhausted")
+        pool.rest(default, time.time() + 30)
         self.assertIsNone(pool.choose("conv-c"))
         self.assertAlmostEqual(int(pool.exhausted_error().headers["retry-after"]), 30, delta=2)
 
@@ -3675,7 +3679,7 @@ class TestAccountInTheLog(AccountsCase):
         self.addCleanup(setattr, self.config, "log_file", None)
         self.addCleanup(setattr, self.proxy, "log_file", None)
         self.addCleanup(self.proxy.log_file.close)
-        self.proxy.accounts.rest(self.proxy.accounts.default, time.time() + 60, "test")
+        self.proxy.accounts.rest(self.proxy.accounts.default, time.time() + 60)
         self.fake.reply(self.fake.turn().text("ok").completed())
         self.assertEqual(self.post(BASIC).status, 200)
         deadline = time.monotonic() + 10   # written just after the reply went out
