@@ -314,17 +314,12 @@ class ProxyError(Exception):
     reply (``body``), or as an ``error`` event inside a started stream (``event``).
     """
 
-    downgrade = None   # for a refused request part: (rule, learn it), see refused_part()
-    code = None        # the backend's error code, where the account is the problem (account_trouble)
-    reset_seconds = 0
-
-    def __init__(self, status, error_type, message, headers=None, retryable=False, details=None):
+    def __init__(self, status, error_type, message, headers=None, details=None):
         Exception.__init__(self, message)
         self.status = status
         self.error_type = error_type
         self.message = message
         self.headers = dict(headers or {})
-        self.retryable = retryable   # worth another upstream attempt before the client saw bytes
         self.details = details       # error.details, e.g. {"error_code": "thread_not_found"}
 
     def event(self):
@@ -510,7 +505,7 @@ class TokenStore:
         return doc
 
     def credentials(self, force_refresh=False):
-        """(access_token, account_id) for the backend, refreshed when due."""
+        """(access_token, ChatGPT account id) for the backend, refreshed when due."""
         doc = self.load()
         if doc is None:
             raise not_logged_in()
@@ -618,6 +613,20 @@ class AccountPool:
     def default(self):
         return self._accounts[DEFAULT_ACCOUNT]
 
+    def first(self):
+        """The first login that holds tokens (the default one first), or None: what
+        `/health`, `start`, `claude`, `doctor` and `models` speak of."""
+        accounts = self.accounts()
+        return accounts[0] if accounts else None
+
+    def credentials(self, force_refresh=False):
+        """TokenStore.credentials of the first login: for the calls that are no one
+        conversation's (the model catalog, the usage windows)."""
+        account = self.first()
+        if account is None:
+            raise not_logged_in()
+        return account.store.credentials(force_refresh)
+
     def accounts(self):
         """The accounts that hold a login now, default first."""
         self._discover()
@@ -704,11 +713,11 @@ class AccountPool:
         if len(resting) < 2 or len(resting) < len(self.accounts()):
             return None
         first = min(resting, key=lambda a: a.resting_until)
-        error = usage_limit_error({"resets_in_seconds": first.resting_until - time.time()})
-        error.message = ("All %d ChatGPT logins have reached their Codex usage limit; the first (%s) resets in %s. "
-                         "Wait until then or add another with `python codex_proxy.py login --account NAME`."
-                         % (len(resting), first.name, human_duration(first.resting_until - time.time())))
-        return error
+        seconds = max(1, int(math.ceil(first.resting_until - time.time())))
+        return ProxyError(429, "rate_limit_error",
+                          "All %d ChatGPT logins have reached their Codex usage limit; the first (%s) resets in %s. "
+                          "Wait until then or add another with `python codex_proxy.py login --account NAME`."
+                          % (len(resting), first.name, human_duration(seconds)), usage_limit_headers(seconds))
 
     def rest(self, account, until):
         """``account`` is exhausted (or refused) until ``until``: its conversations move on."""
@@ -746,17 +755,13 @@ def save_quota(config, quotas):
         pass
 
 
-def account_trouble(error):
-    """(rest until, why) when ``error`` says this login cannot serve for now, else None."""
-    now = time.time()
-    if error.status == 401:
-        return now + 600, "the login was refused"
-    code = error.code
-    if code == "usage_limit_reached":
-        return now + error.reset_seconds, "its usage limit is reached"
-    if code in ("insufficient_quota", "usage_not_included"):
-        return now + 3600, "it has no Codex quota (%s)" % code
-    return None
+def usage_limit_headers(seconds):
+    """retry-after for a usage limit; past a minute, no retry at all (Claude Code
+    would sit in a retry loop for hours)."""
+    headers = {"retry-after": str(seconds)}
+    if seconds > 60:
+        headers["x-should-retry"] = "false"
+    return headers
 
 
 def not_logged_in():
@@ -1081,42 +1086,22 @@ MISSING_OUTPUT = "No result was recorded for this tool call."
 
 
 class RequestContext:
-    """What the reply translation needs to know about its request."""
+    """What the reply translation needs to know about its request (the relay keeps the rest)."""
 
     def __init__(self, requested_model, model, tool_names, thinking, stop_sequences,
-                 cache_key, codex_body=None, context_window=DEFAULT_CONTEXT_WINDOW, lite=False, models=()):
+                 cache_key, context_window=DEFAULT_CONTEXT_WINDOW, lite=False, models=(), account_tag=""):
         self.requested_model = requested_model   # echoed back as Message.model
         self.model = model                       # the Codex model asked for
         self.tool_names = tool_names             # Codex tool name -> client tool name
         self.thinking = thinking                 # emit thinking blocks
         self.stop_sequences = stop_sequences
         self.cache_key = cache_key
-        self.codex_body = codex_body
-        self.payload = None
         self.context_window = context_window
-        self.thread_turn = None                  # a ThreadTurn when the request is on a message thread
-        self.account = None                      # the Account it goes to (AccountPool)
-        self.tried_accounts = set()              # names of the accounts that could not serve it
         self.max_tokens = None                   # the reply is cut there (estimated), as the backend has no cap
         self.lite = lite                         # sent in the Responses Lite shape
         self.models = models                     # the models this account can use, as far as known
-        inputs = (codex_body or {}).get("input") or [{}]
-        self.continues_turn = inputs[-1].get("type") == "function_call_output"   # a tool loop goes on
-
-    def input_estimate(self):
-        if self.codex_body is None and self.payload:
-            return estimate_tokens(json.loads(self.payload))   # after the reply, or on an error
-        return estimate_tokens(self.codex_body or {})
-
-    def serialize(self):
-        """The body as bytes for the wire. The dict is dropped: while a reply streams,
-        only the bytes are needed (for a retry), and they are a fraction of its size."""
-        return self.serialize_body(self.codex_body)
-
-    def serialize_body(self, codex_body):
-        self.payload = json_bytes(codex_body)
-        self.codex_body = None
-        return self.payload
+        self.account_tag = account_tag           # put in thinking signatures (Account.tag)
+        self.continues_turn = False              # the input ends with a tool result: a tool loop goes on
 
 
 def translate_request(body, headers, config, catalog=None, downgrades=None, recall=None, account=None):
@@ -1191,11 +1176,12 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
     stops = body.get("stop_sequences")
     stops = [s for s in stops if isinstance(s, str) and s] if isinstance(stops, list) else []
     reverse = {codex_name: name for name, codex_name in names.items()}
-    context = RequestContext(requested, model, reverse, thinking, stops, cache_key, codex,
-                             window or config.context_window, lite, sorted(catalog or BUILTIN_MODELS))
+    context = RequestContext(requested, model, reverse, thinking, stops, cache_key,
+                             window or config.context_window, lite, sorted(catalog or BUILTIN_MODELS),
+                             account.tag if account else "")
     limit = body.get("max_tokens")
     context.max_tokens = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0 else None
-    context.account = account
+    context.continues_turn = bool(items) and items[-1].get("type") == "function_call_output"
     for rule in rules:
         apply_downgrade(codex, context, rule)
     return codex, context
@@ -1521,10 +1507,10 @@ class Conversation:
     """What translating one request's messages needs to know and collects: tool
     names, the tools added or removed mid-conversation, hidden reasoning."""
 
-    def __init__(self, model, recall=None, account=""):
+    def __init__(self, model, recall=None, account_tag=""):
         self.model = model
         self.recall = recall
-        self.account = account   # the tag of the account the request goes to
+        self.account_tag = account_tag   # Account.tag of the login the request goes to
         self.names = {}      # client tool name -> Codex tool name
         self.declared = {}   # client tool name -> its Codex function tool
         self.changes = []    # ("add" | "remove", client name, Codex tool or None), in order
@@ -1791,7 +1777,7 @@ def translate_assistant_blocks(items, blocks, state):
     parts = []
     model, names = state.model, state.names
     if state.recall and not any(b.get("type") == "thinking" and signature_content(b.get("signature"), model,
-                                                                                  state.account)
+                                                                                  state.account_tag)
                                 for b in blocks):
         # The client hid thinking: the reasoning behind these tool calls comes from the cache.
         recalled = [state.recall(b["id"], model) for b in blocks
@@ -1821,7 +1807,7 @@ def translate_assistant_blocks(items, blocks, state):
             items.append({"type": "function_call", "call_id": codex_call_id(block.get("id")),
                           "name": names[name], "arguments": arguments})
         elif kind == "thinking":
-            encrypted = signature_content(block.get("signature"), model, state.account)
+            encrypted = signature_content(block.get("signature"), model, state.account_tag)
             if encrypted:
                 flush()
                 text = block.get("thinking")
@@ -1859,21 +1845,21 @@ def brief_json(value, limit=2000):
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def thinking_signature(model, encrypted_content, account=""):
+def thinking_signature(model, encrypted_content, account_tag=""):
     """The signature of a thinking block this proxy emits: our mark, the model and
-    the account (a short tag) that made it, the blob."""
-    issuer = "%s@%s" % (model, account) if account else model
+    the login (its Account.tag) that made it, the blob."""
+    issuer = "%s@%s" % (model, account_tag) if account_tag else model
     return "%s%s:%s" % (SIGNATURE_PREFIX, issuer, encrypted_content)
 
 
-def signature_content(signature, model, account=""):
+def signature_content(signature, model, account_tag=""):
     """encrypted_content from a signature we issued for this model and account, else None."""
     if not isinstance(signature, str) or not signature.startswith(SIGNATURE_PREFIX):
         return None
     issued_for, sep, encrypted = signature[len(SIGNATURE_PREFIX):].partition(":")
     # Reasoning is encrypted per model and account; anything else is refused upstream.
     # (A signature without an account comes from before accounts were told apart.)
-    return encrypted if sep and encrypted and issued_for in (model, "%s@%s" % (model, account)) else None
+    return encrypted if sep and encrypted and issued_for in (model, "%s@%s" % (model, account_tag)) else None
 
 
 def repair_tool_pairs(items):
@@ -2292,25 +2278,25 @@ class ReasoningCache:
 
     def __init__(self, max_items=4096, max_bytes=32 << 20):
         self.max_items, self.max_bytes = max_items, max_bytes
-        self.items = collections.OrderedDict()   # tool_use id -> (model, account, encrypted_content)
+        self.items = collections.OrderedDict()   # tool_use id -> (model, account tag, encrypted_content)
         self.bytes = 0
         self.lock = threading.Lock()
 
-    def remember(self, model, account, groups):
+    def remember(self, model, account_tag, groups):
         """``groups``: [(encrypted_content, [tool_use ids])] from one reply."""
         with self.lock:
             for encrypted, call_ids in groups:
                 for call_id in call_ids:
                     self._forget(call_id)
-                    self.items[call_id] = (model, account, encrypted)
+                    self.items[call_id] = (model, account_tag, encrypted)
                     self.bytes += len(encrypted)
             while self.items and (len(self.items) > self.max_items or self.bytes > self.max_bytes):
                 self._forget(next(iter(self.items)))
 
-    def recall(self, call_id, model, account):
+    def recall(self, call_id, model, account_tag):
         with self.lock:
             entry = self.items.get(call_id)
-            if entry is None or entry[:2] != (model, account):
+            if entry is None or entry[:2] != (model, account_tag):
                 return None
             self.items.move_to_end(call_id)
             return entry[2]
@@ -2373,8 +2359,9 @@ class ResponseTranslator:
     in a backlog until that one is done. Upstream failures raise ProxyError.
     """
 
-    def __init__(self, context):
+    def __init__(self, context, estimate=None):
         self.ctx = context
+        self.estimate = estimate or (lambda: 0)   # the request's input tokens, for a reply cut short
         self.message_id = "msg_" + secrets.token_hex(12)
         self.out = []
         self.index = -1           # index of the last block started
@@ -2412,9 +2399,9 @@ class ResponseTranslator:
             self._complete(event)
         elif kind == "response.failed":
             response = event.get("response") if isinstance(event.get("response"), dict) else {}
-            raise upstream_failure(response.get("error"), self.ctx)
+            raise upstream_failure(response.get("error"), self.ctx, self.estimate)
         elif kind == "error":
-            raise upstream_failure(event.get("error") or event, self.ctx)
+            raise upstream_failure(event.get("error") or event, self.ctx, self.estimate)
         return self.out
 
     # -- routing items one at a time ------------------------------------
@@ -2494,8 +2481,7 @@ class ResponseTranslator:
             if self.ctx.thinking:
                 if item.block is None:
                     self._open(item, {"type": "thinking", "thinking": "", "signature": ""})
-                tag = self.ctx.account.tag if self.ctx.account else ""
-                signature = thinking_signature(self.ctx.model, encrypted, tag) if encrypted else ""
+                signature = thinking_signature(self.ctx.model, encrypted, self.ctx.account_tag) if encrypted else ""
                 self._delta(item, {"type": "signature_delta", "signature": signature})
             elif encrypted:   # kept server-side for the tool calls it leads to (ReasoningCache)
                 self.hidden_reasoning.append([encrypted, []])
@@ -2736,7 +2722,7 @@ class ResponseTranslator:
 
     def _message_end(self, stop_reason, stop_sequence, usage):
         if usage is None:   # cut short by a stop sequence: the upstream never counted
-            usage = {"input_tokens": self.ctx.input_estimate(),
+            usage = {"input_tokens": self.estimate(),
                      "output_tokens": self.output_chars // 4 + 1}
         self.stop_reason = stop_reason
         usage = anthropic_usage(usage)
@@ -2830,9 +2816,11 @@ class ClientGone(Exception):
 class CodexClient:
     """Talks to the Codex backend over reused keep-alive connections."""
 
+    HANDBACK_WAIT = 0.25   # seconds a new turn waits for a connection that is being handed back
+
     def __init__(self, config, tokens):
         self.config = config
-        self.tokens = tokens
+        self.tokens = tokens   # a TokenStore, or the AccountPool (its first login): for calls without a store
         url = urlsplit(config.upstream)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise SystemExit("CODEX_PROXY_UPSTREAM must be an http(s) URL, not %r." % config.upstream)
@@ -2843,11 +2831,12 @@ class CodexClient:
         self.proxy = proxy_for(url.scheme, self.host, self.port)
         self.usage_path = self.base.rsplit("/", 1)[0] + "/wham/usage"   # /backend-api/wham/usage
         self._idle = []
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._finishing = 0   # streams whose reply is complete, about to hand their connection back
         self.turn_states = collections.OrderedDict()   # prompt cache key -> x-codex-turn-state
 
     def auth_headers(self, force_refresh=False, store=None):
-        access, account = (store or self.tokens).credentials(force_refresh)
+        access, chatgpt_account_id = (store or self.tokens).credentials(force_refresh)
         headers = {
             "Authorization": "Bearer " + access,
             "originator": ORIGINATOR,
@@ -2856,12 +2845,13 @@ class CodexClient:
                 platform.release() or "0", platform.machine() or "unknown", __version__),
             "version": CODEX_CLIENT_VERSION,
         }
-        if account:
-            headers["ChatGPT-Account-ID"] = account
+        if chatgpt_account_id:
+            headers["ChatGPT-Account-ID"] = chatgpt_account_id
         return headers
 
-    def open(self, payload, context):
-        """POST a turn; return a CodexStream for a 200, else raise ProxyError or UpstreamBroken."""
+    def open(self, payload, context, store=None):
+        """POST a turn for the login in ``store``; return a CodexStream for a 200,
+        else raise CodexFailure, UpstreamBroken, or the store's ProxyError."""
         extra = {"Content-Type": "application/json", "Accept": "text/event-stream",
                  "session-id": context.cache_key, "thread-id": context.cache_key,
                  "x-client-request-id": context.cache_key}
@@ -2870,12 +2860,11 @@ class CodexClient:
         state = self.turn_states.get(context.cache_key) if context.continues_turn else None
         if state:
             extra[TURN_STATE_HEADER] = state
-        store = context.account.store if context.account else None
         conn, response = self._request("POST", self.base + "/responses", payload, extra, store)
         if response.status == 200:
             self._keep_turn_state(context.cache_key, response.getheader(TURN_STATE_HEADER))
             return CodexStream(self, conn, response)
-        raise self._failure(conn, response, context)
+        raise self._failure(conn, response, context, lambda: estimate_tokens(json.loads(payload)))
 
     def _keep_turn_state(self, key, state):
         """The backend's sticky-routing token for a turn, echoed (as Codex does) on
@@ -2910,13 +2899,13 @@ class CodexClient:
             conn, response = self._send(method, path, payload, dict(self.auth_headers(True, store), **extra))
         return conn, response
 
-    def _failure(self, conn, response, context):
+    def _failure(self, conn, response, context, estimate=None):
         body = drain(response)
         response.close()
         conn.close()
-        error = upstream_http_error(response.status, body, response.headers, context)
-        error.headers.update(unified_ratelimit_headers(quota_from_headers(response.headers)))
-        return error
+        failure = upstream_http_error(response.status, body, response.headers, context, estimate)
+        failure.error.headers.update(unified_ratelimit_headers(quota_from_headers(response.headers)))
+        return failure
 
     def _finish(self, conn, response):
         """Pool the connection when its reply was read to the end, else close it."""
@@ -2957,6 +2946,11 @@ class CodexClient:
     def _acquire(self, fresh=False):
         if not fresh:
             with self._lock:
+                # The client may send its next turn the moment it reads message_stop, before
+                # the last turn's connection is back: wait a moment for it, not a new handshake.
+                deadline = time.monotonic() + self.HANDBACK_WAIT
+                while not self._idle and self._finishing and time.monotonic() < deadline:
+                    self._lock.wait(deadline - time.monotonic())
                 if self._idle:
                     return self._idle.pop(), True
         conn = outbound_connection("https" if self.https else "http", self.host, self.port,
@@ -2977,8 +2971,16 @@ class CodexClient:
         with self._lock:
             if len(self._idle) < 64:   # one per concurrent stream, so bursts reuse rather than reconnect
                 self._idle.append(conn)
+                self._lock.notify()
                 return
         conn.close()
+
+    def finishing(self, change):
+        """A stream whose reply is complete will hand its connection back (+1), or did (-1)."""
+        with self._lock:
+            self._finishing += change
+            if change < 0:
+                self._lock.notify_all()
 
 
 def drain(response):
@@ -3008,7 +3010,8 @@ class CodexStream:
         self.response = response
         self.headers = response.headers
         self.last_event = time.monotonic()
-        self.cut = None          # ClientGone, UpstreamBroken or ProxyError: why it was stopped
+        self.cut = None          # ClientGone, UpstreamBroken or CodexFailure: why it was stopped
+        self.settling = False
         conn.sock.settimeout(client.config.idle_timeout)   # a backstop; the Keeper is quicker
 
     def events(self):
@@ -3027,8 +3030,23 @@ class CodexStream:
             self.close()
             raise self.cut
 
+    def settle(self):
+        """The reply is complete: say so before the client reads its end, so that a
+        next turn waits for this connection (finish) rather than dialling a new one."""
+        if not self.settling:
+            self.settling = True
+            self.client.finishing(+1)
+
     def finish(self):
         """After the terminal event: read the end of the body, so the connection can be reused."""
+        try:
+            self._finish()
+        finally:
+            if self.settling:
+                self.settling = False
+                self.client.finishing(-1)
+
+    def _finish(self):
         try:
             self.conn.sock.settimeout(1.0)
             while self.response.read1(65536):
@@ -3056,6 +3074,9 @@ class CodexStream:
         # Only the reading thread closes: the response's file object holds the socket.
         self.response.close()
         self.conn.close()
+        if self.settling:
+            self.settling = False
+            self.client.finishing(-1)
 
 
 class Keeper:
@@ -3146,104 +3167,151 @@ def upstream_error_fields(body):
 # model; "Unsupported parameter: 'tool_choice' is not supported with this model." names a parameter.
 MODEL_REFUSED_RE = re.compile(r"(?i)not supported when using Codex with a ChatGPT account|"
                               r"\bmodel\b.{0,80}?\b(is not supported|does not exist|not found)")
-
-
-def upstream_http_error(status, body, headers, context):
-    """Map a non-200 reply of the backend to the Anthropic error Claude Code acts on."""
-    code, message, error = upstream_error_fields(body)
-    if status == 401:
-        return ProxyError(401, "authentication_error",
-                          "ChatGPT rejected the saved login (%s). Run `python codex_proxy.py login` "
-                          "to sign in again." % (message or "401"))
-    if status == 400 and not REFUSED_PART_RE.search(message) and MODEL_REFUSED_RE.search(message):
-        model, models = (context.model, context.models) if context else ("?", ())
-        return ProxyError(400, "invalid_request_error",
-                          "The model %r is not available with this ChatGPT account (%s). Models it can "
-                          "use: %s. Pick one with CODEX_PROXY_OPUS_MODEL (and _SONNET_, _HAIKU_) or "
-                          "MODEL:EFFORT." % (model, message, ", ".join(models) or "see `python codex_proxy.py models`"),
-                          {"x-should-retry": "false"})
-    if code in ("usage_limit_reached", "usage_not_included", "insufficient_quota", "rate_limit_exceeded",
-                "context_length_exceeded", "server_is_overloaded", "slow_down",
-                "cyber_policy", "invalid_prompt", "bio_policy"):
-        return upstream_failure(dict(error, code=code, message=message), context, headers)
-    if status == 429:
-        return upstream_failure({"code": "rate_limit_exceeded", "message": message}, context, headers)
-    if "context window" in message or "context_length" in message:
-        return context_error(context)
-    if status == 403:
-        return ProxyError(403, "permission_error",
-                          "The Codex backend refused the request (403): %s" % (message or "forbidden"))
-    if status >= 500:
-        return ProxyError(529, "overloaded_error",
-                          "The Codex backend failed (HTTP %d): %s" % (status, message or "no details"),
-                          retryable=True)
-    refused = ProxyError(400, "invalid_request_error",
-                         "The Codex backend rejected the request (HTTP %d): %s" % (status, message),
-                         {"x-should-retry": "false"})
-    if status in (400, 422) and context is not None and context.payload:
-        rule, learn = refused_part(code, message, error.get("param"), json.loads(context.payload))
-        refused.downgrade = (rule, learn) if rule else None
-    return refused
-
-
 RETRY_IN_RE = re.compile(r"(?i)try again in\s*(\d+(?:\.\d+)?)\s*(ms|s|seconds?)\b")   # as Codex reads it
 
 
-def upstream_failure(error, context, headers=None):
-    """Map a failure the backend reported (response.failed, an error event, or an
-    HTTP error body with a known code) to an Anthropic error."""
-    error = error if isinstance(error, dict) else {}
-    code = error.get("code") or error.get("type")
-    message = error.get("message") if isinstance(error.get("message"), str) else ""
-    message = message.strip()
-    if code == "context_length_exceeded":
-        return context_error(context)
-    if code == "usage_limit_reached":
-        return usage_limit_error(error, headers)
-    if code == "insufficient_quota":   # fatal for Codex too: waiting does not bring quota back
-        error = ProxyError(429, "rate_limit_error",
+class CodexFailure(Exception):
+    """The Codex backend did not serve a turn. ``error`` is what the client is told
+    (the Anthropic side); the rest is the Codex side's verdict, which the relay's
+    recovery table reads: may another attempt succeed, must the login rest (seconds),
+    which request part did the backend refuse (code, message, param)."""
+
+    def __init__(self, error, code=None, retryable=False, rest=None, refused=None):
+        Exception.__init__(self, error.message)
+        self.error = error
+        self.code = code
+        self.retryable = retryable
+        self.rest = rest
+        self.refused = refused
+        self.downgrade = None   # (rule, learn it): set by the relay, which knows what was sent
+
+
+# After a failure: FINAL tells the client not to retry (x-should-retry: false), as Codex
+# gives up on these; RETRY lets the proxy try again before the client saw a byte;
+# CLIENT leaves it to the client (its own retry rules, retry-after).
+FINAL, RETRY, CLIENT = "final", "retry", "client"
+
+# The one table of upstream failures: a Codex error code (or, for replies without a known
+# code, the kind of HTTP reply) -> (Anthropic status, type, message, what next, how long
+# the login rests: seconds, "reset" for its usage window's reset, None for not at all).
+# Messages may use {code}, {message}, {status}, {model}, {models}; a function builds one
+# that needs more (and its headers).
+CODEX_FAILURES = {
+    "context_length_exceeded": (400, "invalid_request_error", "context", FINAL, None),
+    "usage_limit_reached": (429, "rate_limit_error", "usage_limit", CLIENT, "reset"),
+    "insufficient_quota": (429, "rate_limit_error",   # fatal for Codex too: waiting does not bring quota back
                            "Quota exceeded: this ChatGPT account has no Codex quota left (insufficient_quota). "
                            "Check the plan and billing at https://chatgpt.com/#settings, or log in with another "
-                           "account.", {"x-should-retry": "false"})
-        error.code = code
-        return error
-    if code == "usage_not_included":
-        error = ProxyError(402, "billing_error",
-                           "This ChatGPT plan does not include Codex. Upgrade the plan "
-                           "(https://chatgpt.com/explore/plus) or log in with another account.",
-                           {"x-should-retry": "false"})
-        error.code = code
-        return error
-    if code in ("server_is_overloaded", "slow_down"):
-        return ProxyError(529, "overloaded_error",
-                          "The Codex backend is overloaded (%s). Try again shortly or pick another model." % code)
-    if code == "rate_limit_exceeded":
-        match = RETRY_IN_RE.search(message)
-        seconds = 1
-        if match:
-            seconds = float(match.group(1)) / (1000.0 if match.group(2).lower() == "ms" else 1.0)
-        return ProxyError(429, "rate_limit_error", "The Codex backend is rate limiting: " + (message or code),
-                          {"retry-after": str(max(1, int(math.ceil(seconds))))})
-    if code in ("cyber_policy", "invalid_prompt", "bio_policy"):
-        return ProxyError(400, "invalid_request_error",
-                          "The Codex backend refused this request (%s): %s" % (
-                              code, message or "flagged by its safety policy"),
-                          {"x-should-retry": "false"})
-    return ProxyError(500, "api_error", "The Codex backend failed: %s" % (message or code or "unknown error"),
-                      retryable=True)
+                           "account.", FINAL, 3600),
+    "usage_not_included": (402, "billing_error", "This ChatGPT plan does not include Codex. Upgrade the plan "
+                           "(https://chatgpt.com/explore/plus) or log in with another account.", FINAL, 3600),
+    "server_is_overloaded": (529, "overloaded_error", "The Codex backend is overloaded ({code}). Try again "
+                             "shortly or pick another model.", CLIENT, None),
+    "slow_down": (529, "overloaded_error", "The Codex backend is overloaded ({code}). Try again shortly or "
+                  "pick another model.", CLIENT, None),
+    "rate_limit_exceeded": (429, "rate_limit_error", "rate_limit", CLIENT, None),
+    "cyber_policy": (400, "invalid_request_error", "The Codex backend refused this request ({code}): {message}",
+                     FINAL, None),
+    "invalid_prompt": (400, "invalid_request_error", "The Codex backend refused this request ({code}): "
+                       "{message}", FINAL, None),
+    "bio_policy": (400, "invalid_request_error", "The Codex backend refused this request ({code}): {message}",
+                   FINAL, None),
+    "login_refused": (401, "authentication_error", "ChatGPT rejected the saved login ({message}). Run "
+                      "`python codex_proxy.py login` to sign in again.", CLIENT, 600),
+    "model_refused": (400, "invalid_request_error", "The model {model!r} is not available with this ChatGPT "
+                      "account ({message}). Models it can use: {models}. Pick one with CODEX_PROXY_OPUS_MODEL "
+                      "(and _SONNET_, _HAIKU_) or MODEL:EFFORT.", FINAL, None),
+    "forbidden": (403, "permission_error", "The Codex backend refused the request (403): {message}", CLIENT, None),
+    "server_error": (529, "overloaded_error", "The Codex backend failed (HTTP {status}): {message}", RETRY, None),
+    "request_refused": (400, "invalid_request_error", "The Codex backend rejected the request (HTTP {status}): "
+                        "{message}", FINAL, None),
+    "stream_broken": (500, "api_error", "{message}", RETRY, None),
+    "failed": (500, "api_error", "The Codex backend failed: {message}", RETRY, None),
+}
+# The rows named by the backend's own error codes; the others are kinds of reply without one.
+BACKEND_CODES = ("context_length_exceeded", "usage_limit_reached", "insufficient_quota", "usage_not_included",
+                 "server_is_overloaded", "slow_down", "rate_limit_exceeded", "cyber_policy", "invalid_prompt",
+                 "bio_policy")
+FAILURE_DEFAULTS = {"message": "no details", "forbidden": "forbidden", "failed": "unknown error",
+                    "cyber_policy": "flagged by its safety policy", "invalid_prompt": "flagged by its safety policy",
+                    "bio_policy": "flagged by its safety policy"}
 
 
-def context_error(context):
-    # Claude Code compacts the conversation when it reads exactly this sentence.
-    window = context.context_window if context else DEFAULT_CONTEXT_WINDOW
-    tokens = max(context.input_estimate() if context else 0, window + 1)
-    return ProxyError(400, "invalid_request_error",
-                      "prompt is too long: %d tokens > %d maximum" % (tokens, window),
-                      {"x-should-retry": "false"})
+def codex_failure(kind, message="", error=None, headers=None, context=None, estimate=None, status=None):
+    """The CodexFailure for a row of CODEX_FAILURES. ``error`` is the backend's error
+    object, ``estimate()`` the request's input tokens (asked only for a context error)."""
+    status_out, error_type, text, after, rest = CODEX_FAILURES[kind]
+    error = error if isinstance(error, dict) else {}
+    out = {"x-should-retry": "false"} if after == FINAL else {}
+    if text == "context":   # Claude Code compacts the conversation when it reads exactly this sentence
+        window = context.context_window if context else DEFAULT_CONTEXT_WINDOW
+        text = "prompt is too long: %d tokens > %d maximum" % (max(estimate() if estimate else 0, window + 1), window)
+    elif text == "usage_limit":
+        rest = usage_reset_seconds(error, headers or {})
+        text = usage_limit_message(error.get("plan_type"), rest)
+        out.update(usage_limit_headers(rest))
+    elif text == "rate_limit":
+        text = "The Codex backend is rate limiting: " + (message or kind)
+        out["retry-after"] = str(retry_in_seconds(message))
+    else:
+        fill = message or FAILURE_DEFAULTS.get(kind) or FAILURE_DEFAULTS["message"]
+        text = text.format(code=error.get("code") or kind, message=fill, status=status,
+                           model=context.model if context else "?",
+                           models=", ".join(context.models) if context and context.models
+                           else "see `python codex_proxy.py models`")
+    return CodexFailure(ProxyError(status_out, error_type, text, out), error.get("code") or kind,
+                        after == RETRY, rest)
 
 
-def usage_limit_error(error, headers=None):
-    headers = headers or {}
+def upstream_http_error(status, body, headers, context, estimate=None):
+    """A non-200 reply of the backend -> its CodexFailure (the row of CODEX_FAILURES)."""
+    code, message, error = upstream_error_fields(body)
+    error = dict(error, code=code)
+    if status == 401:
+        return codex_failure("login_refused", message or "401")
+    if status == 400 and not REFUSED_PART_RE.search(message) and MODEL_REFUSED_RE.search(message):
+        return codex_failure("model_refused", message, context=context)
+    if code in BACKEND_CODES:
+        return codex_failure(code, message, error, headers, context, estimate)
+    if status == 429:
+        return codex_failure("rate_limit_exceeded", message, error, headers)
+    if "context window" in message or "context_length" in message:
+        return codex_failure("context_length_exceeded", message, context=context, estimate=estimate)
+    if status == 403:
+        return codex_failure("forbidden", message)
+    if status >= 500:
+        return codex_failure("server_error", message, status=status)
+    failure = codex_failure("request_refused", message, status=status)
+    if status in (400, 422):
+        failure.refused = (code, message, error.get("param"))
+    return failure
+
+
+def upstream_failure(error, context, estimate=None):
+    """A failure the backend reported inside a stream (response.failed, an error event)
+    -> its CodexFailure."""
+    error = error if isinstance(error, dict) else {}
+    code = error.get("code") or error.get("type")
+    message = error.get("message").strip() if isinstance(error.get("message"), str) else ""
+    kind = code if code in BACKEND_CODES else "failed"
+    return codex_failure(kind, message or (code if kind == "failed" else ""), error, None, context, estimate)
+
+
+def login_failure(error):
+    """The token store could not give a login (refused refresh, gone): the client is
+    told ``error``, and the login rests like a refused one."""
+    return CodexFailure(error, "login_refused", False, CODEX_FAILURES["login_refused"][4])
+
+
+def retry_in_seconds(message):
+    match = RETRY_IN_RE.search(message or "")
+    seconds = 1
+    if match:
+        seconds = float(match.group(1)) / (1000.0 if match.group(2).lower() == "ms" else 1.0)
+    return max(1, int(math.ceil(seconds)))
+
+
+def usage_reset_seconds(error, headers):
     seconds = error.get("resets_in_seconds")
     if not isinstance(seconds, (int, float)) and isinstance(error.get("resets_at"), (int, float)):
         seconds = error["resets_at"] - time.time()
@@ -3252,19 +3320,14 @@ def usage_limit_error(error, headers=None):
             seconds = float(headers.get("x-codex-primary-reset-after-seconds") or 0)
         except (TypeError, ValueError):
             seconds = 0
-    seconds = max(1, int(math.ceil(seconds)))
-    plan = error.get("plan_type")
+    return max(1, int(math.ceil(seconds)))
+
+
+def usage_limit_message(plan, seconds):
     reset = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + seconds))
-    out = {"retry-after": str(seconds)}
-    if seconds > 60:
-        out["x-should-retry"] = "false"   # do not let Claude Code sit in a retry loop for hours
-    error = ProxyError(429, "rate_limit_error",
-                       "The ChatGPT%s usage limit for Codex is reached; it resets in %s (at %s). "
-                       "Wait until then or log in with another account." % (
-                           " " + plan if isinstance(plan, str) and plan else "", human_duration(seconds), reset),
-                       out)
-    error.code, error.reset_seconds = "usage_limit_reached", seconds
-    return error
+    return ("The ChatGPT%s usage limit for Codex is reached; it resets in %s (at %s). "
+            "Wait until then or log in with another account." % (
+                " " + plan if isinstance(plan, str) and plan else "", human_duration(seconds), reset))
 
 
 def human_duration(seconds):
@@ -3387,7 +3450,7 @@ class ModelCatalog:
     def _refresh_quietly(self):
         try:
             self.refresh()
-        except (ProxyError, UpstreamBroken, OSError):
+        except (ProxyError, CodexFailure, UpstreamBroken, OSError):
             self._fetched = time.time()   # try again after the next TTL, not on every request
         finally:
             self._refreshing.release()
@@ -3431,9 +3494,9 @@ class UsageLedger:
         self.path = config.home / "usage.jsonl"
         self.lock = threading.Lock()
 
-    def record(self, model, account, usage):
-        counted = anthropic_usage(usage)
-        line = json.dumps({"time": int(time.time()), "model": model, "account": account,
+    def record(self, model, account_name, counted):
+        """``counted``: the turn's usage, as Anthropic counts it (anthropic_usage)."""
+        line = json.dumps({"time": int(time.time()), "model": model, "account": account_name,
                            "input": counted["input_tokens"] + counted["cache_read_input_tokens"],
                            "cached": counted["cache_read_input_tokens"], "output": counted["output_tokens"]})
         with self.lock:
@@ -3470,6 +3533,314 @@ class UsageLedger:
 
 
 # ---------------------------------------------------------------------------
+# Relaying a turn
+# ---------------------------------------------------------------------------
+# A turn: the login that serves it, the translated request, the reply translated
+# back as it streams, and recovery while the client has seen nothing. What to do
+# after a failure is one pure function (recovery); what happens after a good reply
+# is a list of named steps (Relay.AFTER_REPLY). A capability that changes the turn
+# adds a row there or a step here, not a branch in the HTTP handler.
+
+def recovery(failure, seen_bytes, retries, downgraded, max_retries, base_delay):
+    """What the relay does after a failed attempt, one row per outcome:
+    ("downgrade", (rule, learn)) sends the turn again without a refused part,
+    ("move", None) sends it to another login, ("retry", seconds) sends it again
+    after that backoff, ("answer", None) tells the client."""
+    if seen_bytes:
+        return "answer", None                     # too late for anything but saying so
+    if failure.downgrade and failure.downgrade[0] not in downgraded:
+        return "downgrade", failure.downgrade     # each rule once: never a loop
+    if failure.rest is not None:
+        return "move", None                       # this login cannot serve for now
+    if failure.retryable and retries < max_retries:
+        return "retry", base_delay * 2 ** retries
+    return "answer", None
+
+
+REST_REASONS = {"login_refused": "the login was refused", "usage_limit_reached": "its usage limit is reached"}
+
+
+class FinishedTurn:
+    """A turn answered in full, as the after-reply steps see it."""
+
+    def __init__(self, translator, headers, message, events):
+        self.translator = translator
+        self.headers = headers       # the backend's reply headers (usage windows)
+        self._message = message
+        self._events = events
+
+    def message(self):
+        """The reply as a Message (folded from the streamed events when it was streamed)."""
+        if self._message is None:
+            self._message = fold_message(self._events or [])
+        return self._message
+
+
+class Relay:
+    """One /v1/messages request, from the client's body to its answer.
+
+    The ``writer`` is the HTTP handler: it writes the SSE events and JSON
+    replies, holds the request log's ``note``, and is what the Keeper watches.
+    The relay holds what only the turn needs: the login, the body as sent
+    (for a retry, a downgrade or a move), the message thread.
+    """
+
+    AFTER_REPLY = ("remember_hidden_reasoning", "calibrate_count", "record_usage", "note_quota", "store_thread")
+
+    def __init__(self, server, writer):
+        self.server = server
+        self.writer = writer
+        self.account = None          # the Account serving the turn
+        self.tried = set()           # names of the accounts that could not serve it
+        self.thread_turn = None      # a ThreadTurn when the request is on a message thread
+        self.context = None
+        self.payload = None          # the Codex body as sent, bytes
+        self.stream = False
+
+    def serve(self, body, headers):
+        if isinstance(body, dict) and "thread" in body:
+            body, self.thread_turn = self.server.threads.open(body)   # the full conversation, rebuilt
+        try:
+            self._prepare(body, {k.lower(): v for k, v in headers.items()})
+            del body   # while the reply streams, only the bytes are kept
+            self._relay()
+        finally:
+            turn = self.thread_turn
+            if turn is not None and turn.messages is not None:   # not stored: failed or cut short
+                self.server.threads.release(turn)
+
+    def _prepare(self, body, headers):
+        server, note = self.server, self.writer.note
+        self.account = self._choose_account(body, headers)
+        tag = self.account.tag
+        recall = lambda call_id, model: server.reasoning.recall(call_id, model, tag)
+        codex, self.context = translate_request(body, headers, server.config, server.catalog.current(),
+                                                server.downgrades, recall, self.account)
+        self.stream = body.get("stream") is True
+        if note is not None:
+            note.update(model=self.context.requested_model, upstream_model=self.context.model,
+                        effort=codex["reasoning"]["effort"], stream=self.stream)
+        self.payload = json_bytes(codex)
+
+    def _choose_account(self, body, headers):
+        """The login that serves this request (AccountPool): the conversation's own, or the freshest."""
+        pool = self.server.accounts
+
+        def key():   # only asked for when there is more than one login
+            if isinstance(body, dict) and isinstance(body.get("messages"), list):
+                return prompt_cache_key(body, headers)
+            return None
+        account = pool.choose(key)
+        if account is None:
+            raise pool.exhausted_error() if pool.accounts() else not_logged_in()
+        if self.writer.note is not None:
+            self.writer.note["account"] = account.name
+        return account
+
+    def input_estimate(self):
+        """The request's input tokens, estimated (for a context error, a reply cut short, calibration)."""
+        return estimate_tokens(json.loads(self.payload))
+
+    # -- attempts -----------------------------------------------------------
+
+    def _relay(self):
+        server = self.server
+        with server.active_lock:
+            server.active += 1
+        try:
+            self.writer.connection.settimeout(server.config.idle_timeout)   # writes to a slow reader
+            self._attempts()
+        except ClientGone:
+            self.writer.close_connection = True
+        finally:
+            with server.active_lock:
+                server.active -= 1
+
+    def _attempts(self):
+        config = self.server.config
+        retries, downgraded = 0, set()
+        while True:
+            try:
+                return self._attempt()
+            except CodexFailure as failure:
+                if failure.refused:
+                    rule, learn = refused_part(*failure.refused, json.loads(self.payload))
+                    failure.downgrade = (rule, learn) if rule else None
+                action, detail = recovery(failure, self.writer.sse_started, retries, downgraded,
+                                          config.retries, config.retry_delay)
+                if action == "downgrade":
+                    downgraded.add(detail[0])
+                    self._downgrade(*detail)
+                elif action == "move" and self._move(failure):
+                    continue
+                elif action == "retry":
+                    retries += 1
+                    time.sleep(detail * random.uniform(0.9, 1.1))
+                else:
+                    error = self.server.accounts.exhausted_error() if action == "move" else None
+                    return self.writer.reply_error(error or failure.error)
+
+    def _attempt(self):
+        """One try: send the turn and relay its reply; raise CodexFailure when it fails."""
+        translator = ResponseTranslator(self.context, self.input_estimate)
+        upstream = None
+        try:
+            upstream = self._open()
+            events = self._relay_events(upstream, translator)
+        except UpstreamBroken as exc:
+            failure = codex_failure("stream_broken", str(exc))
+        except CodexFailure as exc:
+            failure = exc
+        except (ClientGone, OSError):
+            if upstream is not None:
+                upstream.abort()
+                upstream.close()
+            raise ClientGone()
+        else:
+            return self._answer(upstream, translator, events)
+        finally:
+            if upstream is not None:
+                self.writer.relaying = None
+                self.server.keeper.unwatch(self.writer)
+        if upstream is not None:
+            upstream.abort()
+            upstream.close()
+        raise failure
+
+    def _open(self):
+        try:
+            upstream = self.server.codex.open(self.payload, self.context, self.account.store)
+        except ProxyError as exc:   # from the token store: this login cannot be used now
+            raise login_failure(exc)
+        self.writer.relaying = upstream
+        self.server.keeper.watch(self.writer, upstream)
+        return upstream
+
+    def _relay_events(self, upstream, translator):
+        """Feed the upstream's events through the reducer and write what comes out.
+        Streaming, the 200 is held until the upstream produced output, so failures at
+        the start are real HTTP errors. -> the Anthropic events, when they are needed
+        after the reply (non-streaming: all of them; streaming: for a thread only)."""
+        writer, stream = self.writer, self.stream
+        held = []
+        record = [] if stream and self.thread_turn else None
+        for event in upstream.events():
+            out = translator.feed(event)
+            if record is not None:
+                record.extend(out)
+            if writer.first_output_at is None and translator.has_output:
+                writer.first_output_at = time.monotonic()
+            if translator.finished and not translator.cut_short:
+                upstream.settle()   # before message_stop reaches the client
+            if stream and (writer.sse_started or translator.has_output):
+                if not writer.sse_started:
+                    writer.start_sse(unified_ratelimit_headers(quota_from_headers(upstream.headers)))
+                    out, held = held + out, []
+                for item in out:
+                    writer.write_event(item)
+            else:
+                held.extend(out)
+            if translator.finished:
+                break
+        if not translator.finished:
+            raise UpstreamBroken("The Codex backend ended the stream before the reply was complete.")
+        return record if stream else held
+
+    def _answer(self, upstream, translator, events):
+        if translator.cut_short:
+            upstream.abort()   # a stop sequence or max_tokens matched: the rest is not wanted
+            upstream.close()
+        else:
+            upstream.finish()
+        message = None
+        if self.stream:
+            self.writer.end_sse()
+        else:
+            message = fold_message(events)
+            self.writer.send_json(200, message, unified_ratelimit_headers(quota_from_headers(upstream.headers)))
+        finished = FinishedTurn(translator, upstream.headers, message, events)
+        for step in self.AFTER_REPLY:
+            getattr(self, step)(finished)
+
+    def _downgrade(self, rule, learn):
+        """Send the turn again with one refused part downgraded; the rule is kept for the model."""
+        codex = json.loads(self.payload)
+        apply_downgrade(codex, self.context, rule)
+        note = self.writer.note
+        if note is not None:
+            note.setdefault("downgraded", []).append(rule)
+        if learn and self.server.downgrades.learn(self.context.model, rule):
+            self.writer.log("the Codex backend refused part of a request for %s; from now on, for a day: %s. "
+                            "(`python codex_proxy.py doctor` lists what was learned.)"
+                            % (self.context.model, DOWNGRADES[rule]))
+        self.payload = json_bytes(codex)
+
+    def _move(self, failure):
+        """The login cannot serve (exhausted, refused) for ``failure.rest`` seconds: rest it
+        and move the turn to another, without its reasoning (bound to the login).
+        -> False when there is none to move to."""
+        pool = self.server.accounts
+        if len(pool.accounts()) < 2:
+            return False   # one login: nothing to move to, and nothing rests
+        pool.rest(self.account, time.time() + failure.rest)
+        self.tried.add(self.account.name)
+        account = pool.choose(self.context.cache_key, exclude=self.tried)
+        if account is None:
+            return False
+        pool.failovers += 1
+        why = REST_REASONS.get(failure.code, "it has no Codex quota (%s)" % failure.code)
+        self.writer.log("account %s: %s; moving the request to account %s." % (self.account.name, why, account.name))
+        self.account = account
+        self.context.account_tag = account.tag
+        if self.writer.note is not None:
+            self.writer.note["account"] = account.name
+        codex = json.loads(self.payload)
+        apply_downgrade(codex, self.context, "reasoning_replay")
+        self.payload = json_bytes(codex)
+        return True
+
+    # -- after a good reply: one step each ------------------------------------
+
+    def remember_hidden_reasoning(self, finished):
+        """Reasoning the client did not see, kept for the tool calls it led to (ReasoningCache)."""
+        groups = [(encrypted, ids) for encrypted, ids in finished.translator.hidden_reasoning if ids]
+        if groups:
+            self.server.reasoning.remember(self.context.model, self.account.tag, groups)
+
+    def calibrate_count(self, finished):
+        """How the backend counted this conversation's input, for count_tokens."""
+        usage = finished.translator.upstream_usage
+        if usage:
+            self.server.calibration.learn(self.context.cache_key, self.input_estimate(),
+                                          as_int(usage.get("input_tokens")))
+
+    def record_usage(self, finished):
+        """Tokens in the usage ledger and the request log."""
+        translator = finished.translator
+        counted = anthropic_usage(translator.upstream_usage)
+        note = self.writer.note
+        if note is not None:
+            note.update(input_tokens=counted["input_tokens"] + counted["cache_read_input_tokens"],
+                        cached_tokens=counted["cache_read_input_tokens"],
+                        output_tokens=counted["output_tokens"], stop_reason=translator.stop_reason)
+        if translator.upstream_usage:
+            self.server.ledger.record(self.context.model, self.account.name, counted)
+
+    def note_quota(self, finished):
+        """The login's usage windows, as the backend reported them with the reply."""
+        quota = quota_from_headers(finished.headers)
+        if quota:
+            self.server.accounts.note_quota(self.account, quota)
+
+    def store_thread(self, finished):
+        """A message thread's turn, kept under its reply's id for the next continue."""
+        turn = self.thread_turn
+        if turn is not None:
+            self.server.threads.close(turn, finished.translator.message_id, finished.message())
+            turn.messages = None   # stored: nothing to release
+
+
+# ---------------------------------------------------------------------------
 # HTTP server: the Anthropic side
 # ---------------------------------------------------------------------------
 
@@ -3500,8 +3871,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.connections = 0                # connections served by a thread now
         self.connections_lock = threading.Lock()
         self.accounts = AccountPool(config)
-        self.tokens = self.accounts.default.store
-        self.codex = CodexClient(config, self.tokens)
+        self.codex = CodexClient(config, self.accounts)
         self.catalog = ModelCatalog(config, self.codex)
         self.calibration = TokenCalibration()
         self.downgrades = LearnedDowngrades(config)
@@ -3704,8 +4074,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             self._check_origin()
             if path == "/health" and method == "GET":
-                return self._send_json(200, {"ok": True, "version": __version__,
-                                             "logged_in": self.server.tokens.load() is not None})
+                return self.send_json(200, {"ok": True, "version": __version__,
+                                             "logged_in": self.server.accounts.first() is not None})
             routes = {"/v1/messages": ("POST", self.handle_messages),
                       "/v1/messages/count_tokens": ("POST", self.handle_count_tokens),
                       "/v1/models": ("GET", self.handle_models)}
@@ -3719,12 +4089,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self._authenticate()
             route[1]()
         except ProxyError as exc:
-            self._reply_error(exc)
+            self.reply_error(exc)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as exc:   # a bug must not kill the thread or leave the client waiting
             self.log_error("internal error on %s %s: %s", method, path, describe(exc))
-            self._reply_error(ProxyError(500, "api_error", "Internal proxy error: %s" % describe(exc)))
+            self.reply_error(ProxyError(500, "api_error", "Internal proxy error: %s" % describe(exc)))
 
     def _check_origin(self):
         """Refuse what a web page or a DNS-rebinding attack could send to a loopback port."""
@@ -3797,41 +4167,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- routes -----------------------------------------------------------
 
     def handle_messages(self):
-        body = self._read_json()
-        turn = None
-        if isinstance(body, dict) and "thread" in body:
-            body, turn = self.server.threads.open(body)   # the full conversation, rebuilt
-        try:
-            account = self._account_for(body)
-            recall = lambda call_id, model: self.server.reasoning.recall(call_id, model, account.tag)
-            codex_body, context = translate_request(body, self.headers.items(), self.server.config,
-                                                    self.server.catalog.current(), self.server.downgrades,
-                                                    recall, account)
-            context.thread_turn = turn
-            stream = body.get("stream") is True
-            if self.note is not None:
-                self.note.update(model=context.requested_model, upstream_model=context.model,
-                                 effort=codex_body["reasoning"]["effort"], stream=stream)
-            del body, codex_body   # while the reply streams, only the bytes below are kept
-            self._relay(context.serialize(), context, stream)
-        finally:
-            if turn is not None and turn.messages is not None:   # not stored: failed or cut short
-                self.server.threads.release(turn)
-
-    def _account_for(self, body):
-        """The login that serves this request (AccountPool): the conversation's own, or the freshest."""
-        pool = self.server.accounts
-
-        def key():   # only asked for when there is more than one login
-            if isinstance(body, dict) and isinstance(body.get("messages"), list):
-                return prompt_cache_key(body, {k.lower(): v for k, v in self.headers.items()})
-            return None
-        account = pool.choose(key)
-        if account is None:
-            raise pool.exhausted_error() if pool.accounts() else not_logged_in()
-        if self.note is not None:
-            self.note["account"] = account.name
-        return account
+        Relay(self.server, self).serve(self._read_json(), self.headers)
 
     def handle_count_tokens(self):
         body = self._read_json()
@@ -3841,18 +4177,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                                 self.server.catalog.current())
         # A local estimate, scaled by how the backend counted this conversation's last turn.
         tokens = self.server.calibration.estimate(context.cache_key, estimate_tokens(codex_body))
-        self._send_json(200, {"input_tokens": tokens})
+        self.send_json(200, {"input_tokens": tokens})
 
     def handle_models(self):
         models = self._model_list()
-        self._send_json(200, {"data": models, "has_more": False,
+        self.send_json(200, {"data": models, "has_more": False,
                               "first_id": models[0]["id"] if models else None,
                               "last_id": models[-1]["id"] if models else None})
 
     def handle_model(self, model_id):
         for model in self._model_list():
             if model["id"] == model_id:
-                return self._send_json(200, model)
+                return self.send_json(200, model)
         raise ProxyError(404, "not_found_error", "Unknown model: %s." % model_id)
 
     def _model_list(self):
@@ -3872,142 +4208,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 out.append(model_entry(slug, "%s (Codex)" % name, model_profile(slug, catalog)[2]))
         return out
 
-    # -- relaying a turn --------------------------------------------------
-
-    def _relay(self, payload, context, stream):
-        """Send the turn upstream and answer the client, retrying while it has seen nothing."""
-        with self.server.active_lock:
-            self.server.active += 1
-        try:
-            self.connection.settimeout(self.server.config.idle_timeout)   # writes to a slow reader
-            self._relay_attempts(payload, context, stream)
-        finally:
-            with self.server.active_lock:
-                self.server.active -= 1
-
-    def _relay_attempts(self, payload, context, stream):
-        config = self.server.config
-        keeper = self.server.keeper
-        attempt, downgraded = 0, set()
-        while True:
-            translator = ResponseTranslator(context)
-            held = []
-            record = [] if stream and context.thread_turn else None   # the reply, for the thread store
-            upstream = None
-            try:
-                upstream = self.server.codex.open(payload, context)
-                self.relaying = upstream
-                keeper.watch(self, upstream)
-                for event in upstream.events():
-                    out = translator.feed(event)
-                    if record is not None:
-                        record.extend(out)
-                    if self.first_output_at is None and translator.has_output:
-                        self.first_output_at = time.monotonic()
-                    if stream and (self.sse_started or translator.has_output):
-                        # The 200 is held until the upstream produced output, so that
-                        # failures at the start become real HTTP errors.
-                        if not self.sse_started:
-                            self._start_sse(upstream)
-                            out, held = held + out, []
-                        for item in out:
-                            self._write_event(item)
-                    else:
-                        held.extend(out)
-                    if translator.finished:
-                        break
-                if not translator.finished:
-                    raise UpstreamBroken("The Codex backend ended the stream before the reply was complete.")
-            except UpstreamBroken as exc:
-                error = ProxyError(500, "api_error", str(exc), retryable=True)
-            except ProxyError as exc:
-                error = exc
-            except (ClientGone, OSError):
-                if upstream is not None:
-                    upstream.abort()
-                    upstream.close()
-                self.close_connection = True
-                return
-            else:
-                if translator.cut_short:
-                    upstream.abort()   # a stop sequence matched: the rest is not wanted
-                    upstream.close()
-                else:
-                    upstream.finish()
-                message = None
-                if stream:
-                    self._end_sse()
-                else:
-                    message = fold_message(held)
-                    self._send_json(200, message, unified_ratelimit_headers(quota_from_headers(upstream.headers)))
-                if context.thread_turn:
-                    self._keep_thread(context.thread_turn, translator, message or fold_message(record))
-                self._learn(context, translator, upstream)
-                return
-            finally:
-                if upstream is not None:
-                    self.relaying = None
-                    keeper.unwatch(self)
-            if upstream is not None:
-                upstream.abort()
-                upstream.close()
-            if error.downgrade and error.downgrade[0] not in downgraded and not self.sse_started:
-                downgraded.add(error.downgrade[0])   # each rule once: never a loop
-                payload = self._downgrade(context, *error.downgrade)
-                continue
-            trouble = account_trouble(error)
-            if trouble and not self.sse_started and context.account:
-                moved = self._fail_over(context, *trouble)
-                if moved is not None:
-                    payload = moved
-                    continue
-                error = self.server.accounts.exhausted_error() or error
-            if error.retryable and not self.sse_started and attempt < config.retries:
-                attempt += 1
-                time.sleep(config.retry_delay * (2 ** (attempt - 1)) * random.uniform(0.9, 1.1))
-                continue
-            self._reply_error(error)
-            return
-
-    def _fail_over(self, context, until, why):
-        """The account cannot serve (exhausted, refused) until ``until``: rest it and move
-        the turn to another login, without its reasoning (bound to the account).
-        -> the new body, or None."""
-        pool = self.server.accounts
-        if len(pool.accounts()) < 2:
-            return None   # one login: nothing to move to, and nothing rests
-        pool.rest(context.account, until)
-        context.tried_accounts.add(context.account.name)
-        account = pool.choose(context.cache_key, exclude=context.tried_accounts)
-        if account is None:
-            return None
-        pool.failovers += 1
-        self._log("account %s: %s; moving the request to account %s." % (context.account.name, why, account.name))
-        context.account = account
-        if self.note is not None:
-            self.note["account"] = account.name
-        codex = json.loads(context.payload)
-        apply_downgrade(codex, context, "reasoning_replay")
-        return context.serialize_body(codex)
-
-    def _downgrade(self, context, rule, learn):
-        """The turn's body with one refused part downgraded; the rule is kept for the model."""
-        codex = json.loads(context.payload)
-        apply_downgrade(codex, context, rule)
-        if self.note is not None:
-            self.note.setdefault("downgraded", []).append(rule)
-        if learn and self.server.downgrades.learn(context.model, rule):
-            self._log("the Codex backend refused part of a request for %s; from now on, for a day: %s. "
-                      "(`python codex_proxy.py doctor` lists what was learned.)" % (context.model, DOWNGRADES[rule]))
-        return context.serialize_body(codex)
-
     def keep(self, stream, now):
         """Called by the Keeper about once a second while ``stream`` is relayed."""
         if self.relaying is not stream:
             return   # a stale look: that reply has ended meanwhile
         config = self.server.config
         if self.server.stopping.is_set():
-            stream.abort(ProxyError(529, "overloaded_error", "The proxy is shutting down; try again."))
+            stream.abort(CodexFailure(ProxyError(529, "overloaded_error", "The proxy is shutting down; try again.")))
         elif self._client_gone():
             stream.abort(ClientGone())
         elif now - stream.last_event >= config.idle_timeout:
@@ -4020,29 +4227,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     except OSError:
                         stream.abort(ClientGone())
 
-    def _keep_thread(self, turn, translator, message):
-        self.server.threads.close(turn, translator.message_id, message)
-        turn.messages = None   # stored: nothing to release
-
-    def _learn(self, context, translator, upstream):
-        """After the reply: calibrate count_tokens, keep the usage windows and hidden
-        reasoning, note the outcome."""
-        groups = [(encrypted, ids) for encrypted, ids in translator.hidden_reasoning if ids]
-        if groups:
-            self.server.reasoning.remember(context.model, context.account.tag if context.account else "", groups)
-        usage = translator.upstream_usage
-        if self.note is not None:
-            counted = anthropic_usage(usage)
-            self.note.update(input_tokens=counted["input_tokens"] + counted["cache_read_input_tokens"],
-                             cached_tokens=counted["cache_read_input_tokens"],
-                             output_tokens=counted["output_tokens"], stop_reason=translator.stop_reason)
-        if usage:
-            self.server.calibration.learn(context.cache_key, context.input_estimate(), as_int(usage.get("input_tokens")))
-            self.server.ledger.record(context.model, context.account.name if context.account else None, usage)
-        quota = quota_from_headers(upstream.headers)
-        if quota and context.account:
-            self.server.accounts.note_quota(context.account, quota)
-
     def _client_gone(self):
         """True once the client closed its end (readable, with nothing to read)."""
         try:
@@ -4052,19 +4236,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- writing ----------------------------------------------------------
 
-    def _start_sse(self, upstream):
+    def start_sse(self, headers):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("request-id", self.request_id)
-        for name, value in unified_ratelimit_headers(quota_from_headers(upstream.headers)).items():
+        for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
         self.last_write = time.monotonic()
         self.sse_started = True
 
-    def _write_event(self, event):
+    def write_event(self, event):
         with self.write_lock:
             self._send_event(event)
 
@@ -4074,14 +4258,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.last_write = time.monotonic()
 
-    def _end_sse(self, close=False):
+    def end_sse(self, close=False):
         with self.write_lock:
             self.sse_ended = True
             self.wfile.write(b"0\r\n\r\n")
         if close:
             self.close_connection = True
 
-    def _send_json(self, status, doc, headers=None):
+    def send_json(self, status, doc, headers=None):
         data = json_bytes(doc)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -4092,15 +4276,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _reply_error(self, error):
+    def reply_error(self, error):
         """The one place an error reaches the client: a status if none was sent, else an event."""
         if self.note is not None:
             self.note["error"] = "%s: %s" % (error.error_type, error.message)
         if self.sse_started:   # too late for a status: say it in the stream
-            self._write_event(error.event())
-            self._end_sse(close=True)
+            self.write_event(error.event())
+            self.end_sse(close=True)
             return
-        self._send_json(error.status, error.body(self.request_id), error.headers)
+        self.send_json(error.status, error.body(self.request_id), error.headers)
 
     def send_error(self, code, message=None, explain=None):
         """Malformed requests caught by http.server also get Anthropic's error shape."""
@@ -4114,18 +4298,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        self._send_json(code, ProxyError(code, error_type, message or "Bad request.").body(self.request_id))
+        self.send_json(code, ProxyError(code, error_type, message or "Bad request.").body(self.request_id))
 
     def log_message(self, fmt, *args):
         if self.server.config.verbose:
-            self._log(fmt % args)
+            self.log(fmt % args)
 
     def log_error(self, fmt, *args):
         if fmt.startswith("Request timed out") and not self.server.config.verbose:
             return   # a client that stalled: its connection is closed, nothing for the user to do
-        self._log("error: " + fmt % args)
+        self.log("error: " + fmt % args)
 
-    def _log(self, text):
+    def log(self, text):
         text = redact(text).replace(self.server.proxy_key, "[redacted]")
         sys.stderr.write("%s %s\n" % (time.strftime("%H:%M:%S"), text))
 
@@ -4396,24 +4580,7 @@ def cmd_start(args):
         else:
             sys.stderr.write("Cannot listen on %s:%d (%s).\n" % (config.host, config.port, describe(exc)))
         return 1
-    doc = server.tokens.load()
-    print("codex-proxy %s listening on %s" % (__version__, server.url))
-    if doc:
-        info = account_info(doc["tokens"])
-        print("ChatGPT account: %s (%s plan), login from %s%s" % (
-            info["email"] or "unknown", info["plan"] or "unknown", server.tokens.path,
-            ", shared with the Codex CLI" if server.tokens.shared_with_codex else ""))
-    else:
-        print("Not logged in yet: run `python codex_proxy.py login` before the first request.")
-    print("Models: " + ", ".join("%s -> %s" % item for item in sorted(config.models.items())))
-    if server.codex.proxy:
-        print(outbound_summary(config))
-    if config.verbose or config.log_file:
-        print("Logging one line per request%s." % (" to " + config.log_file if config.log_file else ""))
-    print("\nIn the shell where you run claude, set:\n")
-    for name, value in client_env(config, server.url, server.proxy_key, server.catalog.current()).items():
-        print("  " + shell_line("bash", name, value))
-    print("\nThen run `claude`. (Or skip all this: `python codex_proxy.py claude` starts a proxy and Claude Code together.)")
+    print("\n".join(start_banner(server)))
     sys.stdout.flush()
     import signal
 
@@ -4433,6 +4600,37 @@ def cmd_start(args):
     server.server_close()
     server.codex.close_idle()
     return 0
+
+
+def start_banner(server):
+    """What `start` prints: where it listens, every login, the models, how to point Claude Code at it."""
+    config = server.config
+    lines = ["codex-proxy %s listening on %s" % (__version__, server.url)]
+    lines += login_lines(server.accounts) or [
+        "Not logged in yet: run `python codex_proxy.py login` before the first request."]
+    lines.append("Models: " + ", ".join("%s -> %s" % item for item in sorted(config.models.items())))
+    if server.codex.proxy:
+        lines.append(outbound_summary(config))
+    if config.verbose or config.log_file:
+        lines.append("Logging one line per request%s." % (" to " + config.log_file if config.log_file else ""))
+    lines.append("\nIn the shell where you run claude, set:\n")
+    for name, value in client_env(config, server.url, server.proxy_key, server.catalog.current()).items():
+        lines.append("  " + shell_line("bash", name, value))
+    lines.append("\nThen run `claude`. (Or skip all this: `python codex_proxy.py claude` starts a proxy and "
+                 "Claude Code together.)")
+    return lines
+
+
+def login_lines(pool):
+    """One line per login the pool holds ([] when there is none)."""
+    lines = []
+    for account in pool.accounts():
+        info = account_info(account.store.load()["tokens"])
+        lines.append("ChatGPT account%s: %s (%s plan), login from %s%s" % (
+            "" if account.name == DEFAULT_ACCOUNT else " " + account.name, info["email"] or "unknown",
+            info["plan"] or "unknown", account.store.path,
+            ", shared with the Codex CLI" if account.store.shared_with_codex else ""))
+    return lines
 
 
 def cmd_login(args):
@@ -4537,7 +4735,7 @@ def cmd_status(args):
         for entry in status["accounts"]:
             try:
                 entry["quota"] = live_quota(config, pool.get(entry["account"]))
-            except (ProxyError, UpstreamBroken) as exc:
+            except (ProxyError, CodexFailure, UpstreamBroken) as exc:
                 sys.stderr.write("Could not ask the backend for the usage windows of %s: %s\n" % (entry["account"], exc))
         if status["accounts"]:
             status["quota"] = status["accounts"][0]["quota"]
@@ -4597,11 +4795,11 @@ def cmd_usage(args):
 
 def cmd_models(args):
     config = Config()
-    client = CodexClient(config, TokenStore(config))
+    client = CodexClient(config, AccountPool(config))
     catalog = ModelCatalog(config, client)
     try:
         models = catalog.refresh()
-    except (ProxyError, UpstreamBroken) as exc:
+    except (ProxyError, CodexFailure, UpstreamBroken) as exc:
         sys.stderr.write("Could not fetch the model list (%s); showing what is known offline.\n" % exc)
         models = catalog.current()
     finally:
@@ -4690,7 +4888,7 @@ def cmd_claude(args):
     if found:
         url, key = found
     else:
-        if TokenStore(config).load() is None:
+        if AccountPool(config).first() is None:
             sys.stderr.write("Not logged in to ChatGPT. Run `python codex_proxy.py login` first.\n")
             return 1
         config.host, config.port = "127.0.0.1", 0
@@ -4740,10 +4938,12 @@ class Doctor:
     def run(self):
         config = self.config
         self.check(sys.version_info >= (3, 9), "Python %s" % platform.python_version(), "use Python 3.9 or newer")
-        store = TokenStore(config)
-        doc = store.load()
-        if not self.check(doc is not None, "ChatGPT login in %s" % store.path if doc else "No ChatGPT login found "
-                          "(looked for %s and %s)" % (config.tokens_path, config.codex_auth_path),
+        account = AccountPool(config).first()
+        store = account.store if account else TokenStore(config)
+        if not self.check(account is not None, "ChatGPT login in %s%s" % (store.path, "" if account.name ==
+                          DEFAULT_ACCOUNT else " (account %s)" % account.name) if account else "No ChatGPT login "
+                          "found (looked for %s, %s and %s)" % (config.tokens_path, config.codex_auth_path,
+                                                                config.home / "accounts"),
                           "run `python codex_proxy.py login`"):
             return self.failures
         if WINDOWS:
@@ -4764,7 +4964,7 @@ class Doctor:
         try:
             catalog = ModelCatalog(config, client).refresh()
             self.check(True, "Codex backend reachable at %s, %d models for this account" % (config.upstream, len(catalog)))
-        except (ProxyError, UpstreamBroken) as exc:
+        except (ProxyError, CodexFailure, UpstreamBroken) as exc:
             self.check(False, "Codex backend: %s" % exc, "check the network connection and CODEX_PROXY_UPSTREAM")
             catalog = None
         finally:
