@@ -1114,6 +1114,28 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
     gives the encrypted reasoning kept for a tool call whose client hid thinking.
     ``account`` is the Account the request goes to: only its reasoning is replayed.
     """
+    requested, messages = checked_request(body)
+    headers = {str(k).lower(): v for k, v in dict(headers or {}).items()}
+    model, suffix_effort = resolve_model(requested, config.models)
+    refuse_unsupported(body)
+    state = Conversation(model, recall, account.tag if account else "")
+    items, tools = translate_input(body, messages, state)
+    entry = (catalog or {}).get(model) if isinstance((catalog or {}).get(model), dict) else {}
+    codex, thinking = codex_options(body, model, items, tools, state.names, entry, catalog, suffix_effort,
+                                    prompt_cache_key(body, headers))
+    rules = downgrades.for_model(model) if downgrades else ()
+    lite = model_profile(model, catalog)[1] and config.responses_lite and "lite" not in rules \
+        and not any(t["type"] != "function" for t in tools)   # Lite refuses hosted tools
+    if lite:
+        make_lite(codex)
+    context = request_context(body, codex, requested, state, thinking, catalog, config, lite, account)
+    for rule in rules:
+        apply_downgrade(codex, context, rule)
+    return codex, context
+
+
+def checked_request(body):
+    """-> (model, messages) of a body that has the fields every request needs; else a 400."""
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
     requested = body.get("model")
@@ -1124,11 +1146,11 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
         raise invalid_request("messages: field required.")
     if not isinstance(messages, list):
         raise invalid_request("messages: must be a list of {role, content} objects.")
-    headers = {str(k).lower(): v for k, v in dict(headers or {}).items()}
-    model, suffix_effort = resolve_model(requested, config.models)
+    return requested, messages
 
-    refuse_unsupported(body)
-    state = Conversation(model, recall, account.tag if account else "")
+
+def translate_input(body, messages, state):
+    """-> (Codex input items, Codex tools): the system prompt, every message, the tool changes."""
     tools = translate_tools(body.get("tools"), state)
     items = []
     add_developer_message(items, system_texts(body.get("system")))
@@ -1137,16 +1159,17 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
         translate_message(items, message, "messages.%d" % i, state, followed_by_user=i < last_user)
     tools = state.apply_tool_changes(tools)
     items = manage_context(repair_tool_pairs(items), body.get("context_management"))
-    names = state.names
+    return items, tools
 
-    efforts, lite, window = model_profile(model, catalog)
-    entry = (catalog or {}).get(model) if isinstance((catalog or {}).get(model), dict) else {}
+
+def codex_options(body, model, items, tools, names, entry, catalog, suffix_effort, cache_key):
+    """-> (the Codex body, whether the client sees thinking)."""
+    efforts = model_profile(model, catalog)[0]
     effort, thinking, show = reasoning_settings(body, suffix_effort)
     reasoning = {"effort": clamp_effort(effort, efforts)}
     if show and entry.get("supports_reasoning_summary_parameter") is not False:   # as Codex decides
         reasoning["summary"] = "auto"
     tool_choice, parallel = translate_tool_choice(body.get("tool_choice"), tools, names)
-    cache_key = prompt_cache_key(body, headers)
     codex = {
         "model": model,
         "instructions": "",
@@ -1168,23 +1191,23 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
         text["format"] = text_format
     if text:
         codex["text"] = text
-    rules = downgrades.for_model(model) if downgrades else ()
-    hosted = any(t["type"] != "function" for t in tools)
-    lite = lite and config.responses_lite and not hosted and "lite" not in rules   # Lite refuses hosted tools
-    if lite:
-        make_lite(codex)
+    return codex, thinking
+
+
+def request_context(body, codex, requested, state, thinking, catalog, config, lite, account):
+    """The RequestContext the reply translation reads."""
     stops = body.get("stop_sequences")
     stops = [s for s in stops if isinstance(s, str) and s] if isinstance(stops, list) else []
-    reverse = {codex_name: name for name, codex_name in names.items()}
-    context = RequestContext(requested, model, reverse, thinking, stops, cache_key,
+    reverse = {codex_name: name for name, codex_name in state.names.items()}
+    window = model_profile(codex["model"], catalog)[2]
+    context = RequestContext(requested, codex["model"], reverse, thinking, stops, codex["prompt_cache_key"],
                              window or config.context_window, lite, sorted(catalog or BUILTIN_MODELS),
                              account.tag if account else "")
     limit = body.get("max_tokens")
     context.max_tokens = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0 else None
+    items = codex["input"]
     context.continues_turn = bool(items) and items[-1].get("type") == "function_call_output"
-    for rule in rules:
-        apply_downgrade(codex, context, rule)
-    return codex, context
+    return context
 
 
 def refuse_unsupported(body):
@@ -2349,6 +2372,95 @@ DELTA_KINDS = {
 }
 
 
+class OutputBudget:
+    """max_tokens, kept by the proxy (the backend takes no output limit), estimating
+    4 characters a token over text, thinking and tool arguments alike."""
+
+    def __init__(self, max_tokens):
+        self.limit = None if max_tokens is None else max_tokens * 4
+        self.chars = 0
+
+    def take(self, text):
+        """-> (the part of ``text`` within the budget, True if that cut it)."""
+        room = len(text) if self.limit is None else max(self.limit - self.chars, 0)
+        self.chars += min(len(text), room)
+        return (text, False) if len(text) <= room else (text[:room], True)
+
+
+class StopSequences:
+    """stop_sequences, matched across deltas: the tail of the text that may still
+    become a stop sequence is held back until the next delta tells."""
+
+    def __init__(self, sequences):
+        self.sequences = sequences
+        self.longest = max(map(len, sequences)) if sequences else 0
+
+    def scan(self, held, delta):
+        """-> (text safe to emit now, the tail to hold, the matched stop sequence or None)."""
+        text = held + delta
+        hits = [(text.find(s), s) for s in self.sequences if s in text]
+        if hits:
+            at, stop = min(hits)
+            return text[:at], "", stop
+        keep = 0
+        for size in range(min(len(text), self.longest - 1), 0, -1):
+            if any(s.startswith(text[-size:]) for s in self.sequences):
+                keep = size
+                break
+        return text[:len(text) - keep], text[len(text) - keep:] if keep else "", None
+
+
+class WebSearches:
+    """The web searches of a reply. Their blocks (server_tool_use, then
+    web_search_tool_result) wait for the message written after them, whose
+    citations are their results; without one they go out as they are."""
+
+    def __init__(self):
+        self.pending = []
+        self.count = 0
+
+    def done(self, payload):
+        action = payload.get("action") if isinstance(payload.get("action"), dict) else {}
+        query = action.get("query") or " | ".join(q for q in action.get("queries") or [] if isinstance(q, str))
+        sources = [s for s in action.get("sources") or [] if isinstance(s, dict) and s.get("url")]
+        self.pending.append({"id": "srvtoolu_" + digest_of(str(payload.get("id") or len(self.pending)))[:24],
+                             "query": query or "", "sources": sources, "failed": payload.get("status") == "failed"})
+        self.count += 1
+
+    def blocks(self, citations):
+        """-> [(content block, its deltas)] for every pending search, which then are not pending."""
+        searches, self.pending = self.pending, []
+        found = []
+        for citation in citations:
+            if citation["url"] not in [r["url"] for r in found]:
+                found.append(citation)
+        out = []
+        for n, search in enumerate(searches):
+            out.append(({"type": "server_tool_use", "id": search["id"], "name": "web_search", "input": {}},
+                        [{"type": "input_json_delta", "partial_json": json.dumps({"query": search["query"]})}]))
+            if search["failed"]:
+                content = {"type": "web_search_tool_result_error", "error_code": "unavailable"}
+            else:
+                # Results come from the backend's sources when it gives them, else from what
+                # the following text cites (credited to the last search before it).
+                pages = search["sources"] or (found if n == len(searches) - 1 else [])
+                content = [web_result(page) for page in pages]
+            out.append(({"type": "web_search_tool_result", "tool_use_id": search["id"], "content": content}, []))
+        return out
+
+
+def cited_text(item, payload):
+    """-> (the text of a message held after web searches, its url_citation annotations)."""
+    text, annotations = item.held, list(item.annotations)
+    for part in payload.get("content") or []:
+        if isinstance(part, dict) and part.get("type") == "output_text" and isinstance(part.get("text"), str):
+            if not item.got_text:
+                text += part["text"]
+            if isinstance(part.get("annotations"), list):
+                annotations = part["annotations"]
+    return text, [a for a in annotations if isinstance(a, dict) and a.get("type") == "url_citation" and a.get("url")]
+
+
 class ResponseTranslator:
     """The reducer: Codex Responses events in, Anthropic stream events out.
 
@@ -2376,9 +2488,9 @@ class ResponseTranslator:
         self.tool_use = False
         self.refusal = False
         self.cut_short = False    # ended by a stop sequence before the upstream finished
-        self.output_chars = 0
-        self.searches = []        # web searches whose blocks wait for the text that cites them
-        self.search_count = 0
+        self.budget = OutputBudget(context.max_tokens)
+        self.stops = StopSequences(context.stop_sequences)
+        self.searches = WebSearches()
         self.upstream_usage = None
         self.stop_reason = None
         self.hidden_reasoning = []   # [encrypted_content, [tool_use ids]] when the client hides thinking
@@ -2461,7 +2573,7 @@ class ResponseTranslator:
     # -- per item --------------------------------------------------------
 
     def _added(self, item, payload):
-        if self.searches:
+        if self.searches.pending:
             if item.kind == "message":
                 item.held = ""   # its citations are the results of the pending searches
             elif item.kind != "web_search":
@@ -2475,48 +2587,56 @@ class ResponseTranslator:
                 self._open_tool(item)
 
     def _done(self, item, payload):
-        if item.kind == "reasoning":
-            encrypted = payload.get("encrypted_content")
-            encrypted = encrypted if isinstance(encrypted, str) and encrypted else None
-            if self.ctx.thinking:
-                if item.block is None:
-                    self._open(item, {"type": "thinking", "thinking": "", "signature": ""})
-                signature = thinking_signature(self.ctx.model, encrypted, self.ctx.account_tag) if encrypted else ""
-                self._delta(item, {"type": "signature_delta", "signature": signature})
-            elif encrypted:   # kept server-side for the tool calls it leads to (ReasoningCache)
-                self.hidden_reasoning.append([encrypted, []])
-        elif item.kind == "web_search":
-            self._search_done(payload)
-        elif item.kind == "message" and item.held is not None:
-            self._cited_message(item, payload)
-        elif item.kind == "message":
-            if not item.got_text:
-                for part in payload.get("content") or []:
-                    if isinstance(part, dict) and part.get("type") == "refusal":
-                        self.refusal = True
-                        self._text(item, part.get("refusal"))
-                    elif isinstance(part, dict):
-                        self._text(item, part.get("text"))
-            if item.hold and not self.finished:
-                item.hold, tail = "", item.hold
-                self._emit_text(item, tail)
-        elif item.kind == "function_call":
-            item.name = item.name or payload.get("name") or None
-            if item.block is None and item.name:
-                item.call_id = item.call_id or payload.get("call_id") or "call_" + secrets.token_hex(12)
-                self._open_tool(item)
-            if item.block is not None:   # a call that never got its name cannot be run: dropped, as Codex does
-                arguments = payload.get("arguments")
-                if not item.sent_args and isinstance(arguments, str) and arguments:
-                    arguments, over = self._within_budget(arguments)
-                    self._delta(item, {"type": "input_json_delta", "partial_json": arguments})
-                    if over:
-                        self._cut(item)
-                self.tool_use = True
+        finish = self.ITEM_DONE.get(item.kind)
+        if finish is not None:
+            finish(self, item, payload)
         if item.block is not None and not self.finished:
             self._close(item)
         item.finished = True
         self.owner = None
+
+    def _reasoning_done(self, item, payload):
+        encrypted = payload.get("encrypted_content")
+        encrypted = encrypted if isinstance(encrypted, str) and encrypted else None
+        if self.ctx.thinking:
+            if item.block is None:
+                self._open(item, {"type": "thinking", "thinking": "", "signature": ""})
+            signature = thinking_signature(self.ctx.model, encrypted, self.ctx.account_tag) if encrypted else ""
+            self._delta(item, {"type": "signature_delta", "signature": signature})
+        elif encrypted:   # kept server-side for the tool calls it leads to (ReasoningCache)
+            self.hidden_reasoning.append([encrypted, []])
+
+    def _message_done(self, item, payload):
+        if item.held is not None:
+            return self._cited_message(item, payload)
+        if not item.got_text:
+            for part in payload.get("content") or []:
+                if isinstance(part, dict) and part.get("type") == "refusal":
+                    self.refusal = True
+                    self._text(item, part.get("refusal"))
+                elif isinstance(part, dict):
+                    self._text(item, part.get("text"))
+        if item.hold and not self.finished:
+            item.hold, tail = "", item.hold
+            self._emit_text(item, tail)
+
+    def _call_done(self, item, payload):
+        item.name = item.name or payload.get("name") or None
+        if item.block is None and item.name:
+            item.call_id = item.call_id or payload.get("call_id") or "call_" + secrets.token_hex(12)
+            self._open_tool(item)
+        if item.block is None:
+            return   # a call that never got its name cannot be run: dropped, as Codex does
+        arguments = payload.get("arguments")
+        if not item.sent_args and isinstance(arguments, str) and arguments:
+            arguments, over = self.budget.take(arguments)
+            self._delta(item, {"type": "input_json_delta", "partial_json": arguments})
+            if over:
+                self._cut(item)
+        self.tool_use = True
+
+    def _search_done(self, item, payload):
+        self.searches.done(payload)
 
     def _text(self, item, delta):
         if not isinstance(delta, str) or not delta or self.finished:
@@ -2524,7 +2644,7 @@ class ResponseTranslator:
         if not self.ctx.stop_sequences:
             self._emit_text(item, delta)
             return
-        text, stop = self._scan_stops(item, delta)
+        text, item.hold, stop = self.stops.scan(item.hold, delta)
         self._emit_text(item, text)
         if stop is not None:
             self._close(item)
@@ -2539,7 +2659,7 @@ class ResponseTranslator:
             if not item.pending.strip():
                 return   # never a whitespace-only text block
             text, item.pending = item.pending, ""
-        text, over = self._within_budget(text)
+        text, over = self.budget.take(text)
         if text:
             if item.block is None:
                 self._open(item, {"type": "text", "text": ""})
@@ -2547,35 +2667,11 @@ class ResponseTranslator:
         if over:
             self._cut(item)
 
-    def _within_budget(self, text):
-        """-> (the part of ``text`` within max_tokens, True if that cut it). The backend
-        takes no output limit, so the proxy keeps it, estimating 4 characters a token."""
-        limit = self.ctx.max_tokens
-        room = len(text) if limit is None else max(limit * 4 - self.output_chars, 0)
-        self.output_chars += min(len(text), room)
-        return (text, False) if len(text) <= room else (text[:room], True)
-
     def _cut(self, item):
         """End the message at max_tokens; the relay then stops reading the upstream."""
         self._close(item)
         self.cut_short = True
         self._message_end("max_tokens", None, None)
-
-    def _scan_stops(self, item, delta):
-        """-> (text safe to emit now, matched stop sequence or None)."""
-        text = item.hold + delta
-        hits = [(text.find(s), s) for s in self.ctx.stop_sequences if s in text]
-        if hits:
-            at, stop = min(hits)
-            item.hold = ""
-            return text[:at], stop
-        keep = 0
-        for size in range(min(len(text), max(map(len, self.ctx.stop_sequences)) - 1), 0, -1):
-            if any(s.startswith(text[-size:]) for s in self.ctx.stop_sequences):
-                keep = size
-                break
-        item.hold = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], None
 
     def _thinking(self, item, delta):
         if not isinstance(delta, str) or not delta:
@@ -2587,7 +2683,7 @@ class ResponseTranslator:
         if item.section_break:
             delta, item.section_break = "\n\n" + delta, False
         item.wrote_thinking = True
-        delta, over = self._within_budget(delta)
+        delta, over = self.budget.take(delta)
         if delta:
             self._delta(item, {"type": "thinking_delta", "thinking": delta})
         if over:
@@ -2596,7 +2692,7 @@ class ResponseTranslator:
     def _arguments(self, item, delta):
         if not isinstance(delta, str) or not delta:
             return
-        delta, over = self._within_budget(delta)
+        delta, over = self.budget.take(delta)
         if item.block == "tool_use":
             item.sent_args = True
             if delta:
@@ -2606,26 +2702,10 @@ class ResponseTranslator:
         if over:
             self._cut(item)
 
-    def _search_done(self, payload):
-        action = payload.get("action") if isinstance(payload.get("action"), dict) else {}
-        query = action.get("query") or " | ".join(q for q in action.get("queries") or [] if isinstance(q, str))
-        sources = [s for s in action.get("sources") or [] if isinstance(s, dict) and s.get("url")]
-        self.searches.append({"id": "srvtoolu_" + digest_of(str(payload.get("id") or len(self.searches)))[:24],
-                              "query": query or "", "sources": sources,
-                              "failed": payload.get("status") == "failed"})
-        self.search_count += 1
-
     def _cited_message(self, item, payload):
         """A message written after web searches: search blocks first, then the text with citations."""
-        text, annotations = item.held, list(item.annotations)
-        for part in payload.get("content") or []:
-            if isinstance(part, dict) and part.get("type") == "output_text" and isinstance(part.get("text"), str):
-                if not item.got_text:
-                    text += part["text"]
-                if isinstance(part.get("annotations"), list):
-                    annotations = part["annotations"]
-        citations = [web_citation(a, text) for a in annotations
-                     if isinstance(a, dict) and a.get("type") == "url_citation" and a.get("url")]
+        text, annotations = cited_text(item, payload)
+        citations = [web_citation(a, text) for a in annotations]
         item.held = None
         self._flush_searches(item, citations)
         self._text(item, text)
@@ -2635,24 +2715,11 @@ class ResponseTranslator:
 
     def _flush_searches(self, item, citations):
         """Emit each pending search as server_tool_use + web_search_tool_result."""
-        searches, self.searches = self.searches, []
-        found = []
-        for citation in citations:
-            if citation["url"] not in [r["url"] for r in found]:
-                found.append(citation)
         holder = item or _Item("web_search")
-        for n, search in enumerate(searches):
-            self._open(holder, {"type": "server_tool_use", "id": search["id"], "name": "web_search", "input": {}})
-            self._delta(holder, {"type": "input_json_delta", "partial_json": json.dumps({"query": search["query"]})})
-            self._close(holder)
-            if search["failed"]:
-                content = {"type": "web_search_tool_result_error", "error_code": "unavailable"}
-            else:
-                # Results come from the backend's sources when it gives them, else from what
-                # the following text cites (credited to the last search before it).
-                pages = search["sources"] or (found if n == len(searches) - 1 else [])
-                content = [web_result(page) for page in pages]
-            self._open(holder, {"type": "web_search_tool_result", "tool_use_id": search["id"], "content": content})
+        for block, deltas in self.searches.blocks(citations):
+            self._open(holder, block)
+            for delta in deltas:
+                self._delta(holder, delta)
             self._close(holder)
 
     def _open_tool(self, item):
@@ -2692,7 +2759,7 @@ class ResponseTranslator:
         self.has_output = True
         response = event.get("response") if isinstance(event.get("response"), dict) else {}
         self._finish_items()
-        if self.searches:
+        if self.searches.pending:
             self._flush_searches(None, [])
         streamed = bool(self.items)
         for payload in response.get("output") or []:
@@ -2723,16 +2790,22 @@ class ResponseTranslator:
     def _message_end(self, stop_reason, stop_sequence, usage):
         if usage is None:   # cut short by a stop sequence: the upstream never counted
             usage = {"input_tokens": self.estimate(),
-                     "output_tokens": self.output_chars // 4 + 1}
+                     "output_tokens": self.budget.chars // 4 + 1}
         self.stop_reason = stop_reason
         usage = anthropic_usage(usage)
-        if self.search_count:
-            usage["server_tool_use"] = {"web_search_requests": self.search_count}
+        if self.searches.count:
+            usage["server_tool_use"] = {"web_search_requests": self.searches.count}
         self.out.append({"type": "message_delta",
                          "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                          "usage": usage})
         self.out.append({"type": "message_stop"})
         self.finished = True
+
+
+ResponseTranslator.ITEM_DONE = {"reasoning": ResponseTranslator._reasoning_done,
+                                "message": ResponseTranslator._message_done,
+                                "function_call": ResponseTranslator._call_done,
+                                "web_search": ResponseTranslator._search_done}
 
 
 def web_result(page):
@@ -4046,29 +4119,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self._log_request(method, path)
 
     def _log_request(self, method, path):
-        note, now = self.note, time.monotonic()
-        record = dict(note, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), request_id=self.request_id,
-                      method=method, path=path, status=self.status, total_ms=int((now - self.started_at) * 1000))
+        since = lambda moment: int((moment - self.started_at) * 1000)
+        record = dict(self.note, time=utc_now(), request_id=self.request_id, method=method, path=path,
+                      status=self.status, total_ms=since(time.monotonic()))
         if self.first_output_at:
-            record["first_token_ms"] = int((self.first_output_at - self.started_at) * 1000)
-        line = "%s %s %s %s" % (time.strftime("%H:%M:%S"), method, path, self.status)
-        if "model" in note:
-            line += " %s -> %s (%s) %s" % (note["model"], note["upstream_model"], note["effort"],
-                                           "stream" if note["stream"] else "json")
-            if note.get("account", DEFAULT_ACCOUNT) != DEFAULT_ACCOUNT:
-                line += " account=" + note["account"]
-            if "input_tokens" in note:
-                line += " in=%d cached=%d out=%d" % (note["input_tokens"], note["cached_tokens"], note["output_tokens"])
-            if "first_token_ms" in record:
-                line += " first=%dms" % record["first_token_ms"]
-        line += " total=%dms" % record["total_ms"]
-        if note.get("stop_reason"):
-            line += " " + note["stop_reason"]
-        if note.get("downgraded"):
-            line += " downgraded=" + ",".join(note["downgraded"])
-        if note.get("error"):
-            line += " error=" + note["error"]
-        self.server.log_request_record(record, line)
+            record["first_token_ms"] = since(self.first_output_at)
+        self.server.log_request_record(record, request_log_line(record))
 
     def _route(self, method, path):
         try:
@@ -4180,33 +4236,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_json(200, {"input_tokens": tokens})
 
     def handle_models(self):
-        models = self._model_list()
+        models = model_list(self.server.config.models, self.server.catalog.current())
         self.send_json(200, {"data": models, "has_more": False,
                               "first_id": models[0]["id"] if models else None,
                               "last_id": models[-1]["id"] if models else None})
 
     def handle_model(self, model_id):
-        for model in self._model_list():
+        for model in model_list(self.server.config.models, self.server.catalog.current()):
             if model["id"] == model_id:
                 return self.send_json(200, model)
         raise ProxyError(404, "not_found_error", "Unknown model: %s." % model_id)
-
-    def _model_list(self):
-        """The claude-* aliases this proxy maps, then the account's Codex models."""
-        mapping = self.server.config.models
-        catalog = self.server.catalog.current()
-        out = []
-        for alias, family in MODEL_ALIASES:
-            target = split_effort(mapping[family])[0]
-            window = model_profile(target, catalog)[2]
-            out.append(model_entry(alias, "%s (Codex %s)" % (family.title(), mapping[family]), window))
-        slugs = list(catalog) or list(BUILTIN_MODELS)
-        for slug in slugs + [split_effort(m)[0] for m in mapping.values()]:
-            if slug not in [m["id"] for m in out]:
-                entry = catalog.get(slug) or {}
-                name = entry.get("display_name") or slug.replace("gpt-", "GPT-")
-                out.append(model_entry(slug, "%s (Codex)" % name, model_profile(slug, catalog)[2]))
-        return out
 
     def keep(self, stream, now):
         """Called by the Keeper about once a second while ``stream`` is relayed."""
@@ -4315,6 +4354,29 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
 
 SECRET_RE = re.compile(r"eyJ[\w-]{8,}\.[\w-]+\.[\w-]*|(?i:bearer)\s+\S+|\b(?:sk|cxp|rt|at)-[\w-]{8,}")
+
+
+def request_log_line(record):
+    """The --verbose line of a request log record."""
+    line = "%s %s %s %s" % (time.strftime("%H:%M:%S"), record["method"], record["path"], record["status"])
+    if "model" in record:
+        line += " %s -> %s (%s) %s" % (record["model"], record["upstream_model"], record["effort"],
+                                       "stream" if record["stream"] else "json")
+        if record.get("account", DEFAULT_ACCOUNT) != DEFAULT_ACCOUNT:
+            line += " account=" + record["account"]
+        if "input_tokens" in record:
+            line += " in=%d cached=%d out=%d" % (record["input_tokens"], record["cached_tokens"],
+                                                 record["output_tokens"])
+        if "first_token_ms" in record:
+            line += " first=%dms" % record["first_token_ms"]
+    line += " total=%dms" % record["total_ms"]
+    if record.get("stop_reason"):
+        line += " " + record["stop_reason"]
+    if record.get("downgraded"):
+        line += " downgraded=" + ",".join(record["downgraded"])
+    if record.get("error"):
+        line += " error=" + record["error"]
+    return line
 
 
 def redact(text):
@@ -4494,6 +4556,22 @@ class Lobby:
             sock.close()
         if self.selector is not None:
             self.selector.close()
+
+
+def model_list(mapping, catalog):
+    """/v1/models: the claude-* aliases this proxy maps, then the account's Codex models."""
+    out = []
+    for alias, family in MODEL_ALIASES:
+        target = split_effort(mapping[family])[0]
+        window = model_profile(target, catalog)[2]
+        out.append(model_entry(alias, "%s (Codex %s)" % (family.title(), mapping[family]), window))
+    slugs = list(catalog) or list(BUILTIN_MODELS)
+    for slug in slugs + [split_effort(m)[0] for m in mapping.values()]:
+        if slug not in [m["id"] for m in out]:
+            entry = catalog.get(slug) or {}
+            name = entry.get("display_name") or slug.replace("gpt-", "GPT-")
+            out.append(model_entry(slug, "%s (Codex)" % name, model_profile(slug, catalog)[2]))
+    return out
 
 
 def model_entry(model_id, display_name, window=None):
