@@ -50,13 +50,15 @@ and remembers that for the model (``doctor`` lists it). With several logins
 (``login --account NAME``) a conversation stays on one, and moves on when its
 usage limit is reached.
 
-Sections, in data-flow order: configuration (with outgoing connections), token
-store (with the account pool), OAuth, request translation (Anthropic ->
-Responses, with learned downgrades), conversation state kept between turns
-(message threads, hidden reasoning), stream translation (one reducer: Responses
-events -> Anthropic events; non-streaming replies fold the same events),
-upstream client (with the usage ledger), HTTP server (with the lobby for new
-connections), command line.
+Sections, in data-flow order: configuration; helpers (files, JSON, the error
+shape, outgoing connections); token store; OAuth; accounts (logins, usage
+windows, failover); request translation (Anthropic -> Responses, with learned
+downgrades); conversation state kept between turns (threads, hidden reasoning,
+count calibration, downgrades); stream translation (one reducer: Responses
+events -> Anthropic events; non-streaming replies fold the same events);
+upstream client (with the one table of upstream failures); relaying a turn
+(the Relay: recovery table, after-reply steps); HTTP server (with the keeper
+and the lobby); command line.
 """
 
 import argparse
@@ -85,6 +87,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 __version__ = "0.1.0"
+
 
 # ---------------------------------------------------------------------------
 # Configuration
@@ -181,6 +184,12 @@ def env_int(name, default):
 WINDOWS = os.name == "nt"   # file modes are not Windows' permissions; tests force this to check those paths
 
 
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+# Used by every section below: private files, JSON bytes, times, bounded tables,
+# digests, log redaction, and the one shape of an Anthropic error.
+
 def write_private_file(path, text, mode=0o600):
     """Write text atomically (temp file + rename) with ``mode``, in a 0700 directory.
     (On Windows the modes mean little; the user profile's permissions protect the files.)"""
@@ -200,6 +209,103 @@ def write_private_file(path, text, mode=0o600):
         except OSError:
             pass
         raise
+
+
+def replace_file(source, target):
+    """os.replace, which on Windows fails while another program has the target
+    open for a moment (Codex reading auth.json, say): then it tries again."""
+    for attempt in range(50):
+        try:
+            return os.replace(str(source), str(target))
+        except PermissionError:
+            if attempt == 49:
+                raise
+            time.sleep(0.02)
+
+
+def stat_mode(path):
+    try:
+        return os.stat(str(path)).st_mode & 0o777
+    except OSError:
+        return 0o600
+
+
+def json_bytes(doc):
+    """Compact UTF-8 JSON. JSON input may carry lone surrogates ("\\ud800"), which
+    UTF-8 cannot encode; they become "?" instead of an exception."""
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+
+
+def utc_now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def human_duration(seconds):
+    minutes, _ = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return "%d d %d h" % (days, hours)
+    if hours:
+        return "%d h %d min" % (hours, minutes)
+    return "%d min" % max(minutes, 1)
+
+
+def describe(exc):
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 200 else text[:200] + "..."
+
+
+def lru_put(table, key, value, limit):
+    """``table[key] = value`` in an OrderedDict, as its newest entry; the oldest go beyond ``limit``."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > limit:
+        table.popitem(last=False)
+
+
+def digest_of(text):
+    # surrogatepass: JSON may carry lone surrogates, which plain UTF-8 refuses
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+SECRET_RE = re.compile(r"eyJ[\w-]{8,}\.[\w-]+\.[\w-]*|(?i:bearer)\s+\S+|\b(?:sk|cxp|rt|at)-[\w-]{8,}")
+
+
+def redact(text):
+    """Mask anything that looks like a token or key before it reaches a log."""
+    return SECRET_RE.sub("[redacted]", text)
+
+
+class ProxyError(Exception):
+    """An error answered to the client in Anthropic's shape.
+
+    The one place an Anthropic error is built: as a JSON body for an HTTP
+    reply (``body``), or as an ``error`` event inside a started stream (``event``).
+    """
+
+    def __init__(self, status, error_type, message, headers=None, details=None):
+        Exception.__init__(self, message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.headers = dict(headers or {})
+        self.details = details       # error.details, e.g. {"error_code": "thread_not_found"}
+
+    def event(self):
+        error = {"type": self.error_type, "message": self.message}
+        if self.details:
+            error["details"] = self.details
+        return {"type": "error", "error": error}
+
+    def body(self, request_id):
+        doc = self.event()
+        doc["request_id"] = request_id
+        return doc
+
+
+def invalid_request(message):
+    return ProxyError(400, "invalid_request_error", message)
 
 
 # -- Outgoing connections: proxies and certificate authorities -------------
@@ -293,49 +399,6 @@ def outbound_connection(scheme, host, port, timeout, proxy=None):
         conn.target = lambda path: origin + path
         conn.proxy_headers = tunnel_headers
     return conn
-
-
-def replace_file(source, target):
-    """os.replace, which on Windows fails while another program has the target
-    open for a moment (Codex reading auth.json, say): then it tries again."""
-    for attempt in range(50):
-        try:
-            return os.replace(str(source), str(target))
-        except PermissionError:
-            if attempt == 49:
-                raise
-            time.sleep(0.02)
-
-
-class ProxyError(Exception):
-    """An error answered to the client in Anthropic's shape.
-
-    The one place an Anthropic error is built: as a JSON body for an HTTP
-    reply (``body``), or as an ``error`` event inside a started stream (``event``).
-    """
-
-    def __init__(self, status, error_type, message, headers=None, details=None):
-        Exception.__init__(self, message)
-        self.status = status
-        self.error_type = error_type
-        self.message = message
-        self.headers = dict(headers or {})
-        self.details = details       # error.details, e.g. {"error_code": "thread_not_found"}
-
-    def event(self):
-        error = {"type": self.error_type, "message": self.message}
-        if self.details:
-            error["details"] = self.details
-        return {"type": "error", "error": error}
-
-    def body(self, request_id):
-        doc = self.event()
-        doc["request_id"] = request_id
-        return doc
-
-
-def invalid_request(message):
-    return ProxyError(400, "invalid_request_error", message)
 
 
 # ---------------------------------------------------------------------------
@@ -551,232 +614,8 @@ class TokenStore:
                 return tokens
 
 
-ACCOUNT_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,40}\Z")
-DEFAULT_ACCOUNT = "default"
-
-
-class Account:
-    """One ChatGPT login: its token store, its last usage windows, and whether it rests."""
-
-    def __init__(self, name, store):
-        self.name = name
-        self.store = store
-        self.quota = None          # the last x-codex-* windows seen for it
-        self.resting_until = 0.0   # exhausted or refused: not chosen before this time
-        self._tagged = (None, "")
-
-    @property
-    def tag(self):
-        """A short mark of the ChatGPT account, put in thinking signatures: encrypted
-        reasoning can only be sent back to the account that made it."""
-        doc = self.store.load()
-        if doc is not self._tagged[0]:   # the store hands back the same document until the file changes
-            account_id = account_info(doc["tokens"])["account_id"] if doc else None
-            self._tagged = (doc, digest_of(account_id)[:8] if account_id else "")
-        return self._tagged[1]
-
-    def headroom(self):
-        """Percent left in the fullest usage window (100 when not known yet)."""
-        windows = (self.quota or {}).get("windows") or {}
-        return 100.0 - max([w.get("used_percent") or 0.0 for w in windows.values()] or [0.0])
-
-
-class AccountPool:
-    """Every ChatGPT login the proxy may use, and which one serves a request.
-
-    ``default`` is CODEX_PROXY_HOME/tokens.json (or, without it, the Codex CLI's
-    auth.json); ``login --account NAME`` adds CODEX_PROXY_HOME/accounts/NAME.json;
-    the Codex CLI's login joins as ``codex`` when it is another ChatGPT account.
-    A conversation (its prompt cache key) stays on one account, so the backend's
-    prompt cache keeps hitting; a new one goes to the account with the most
-    headroom in its usage windows; an exhausted or refused account rests until
-    its reset, and its conversations move on. With one login, there is nothing
-    to choose and nothing to configure.
-    """
-
-    def __init__(self, config):
-        self.config = config
-        self.folder = config.home / "accounts"
-        self.lock = threading.Lock()
-        self.sticky = collections.OrderedDict()   # prompt cache key -> account name
-        self.failovers = 0
-        self._quota_saved = 0.0
-        self._accounts = {DEFAULT_ACCOUNT: Account(DEFAULT_ACCOUNT, TokenStore(config))}
-        self._seen = None
-        self._looked = -1.0
-        saved = load_quota(config)
-        for name, quota in saved.items():
-            if name in self._accounts:
-                self._accounts[name].quota = quota
-
-    @property
-    def default(self):
-        return self._accounts[DEFAULT_ACCOUNT]
-
-    def first(self):
-        """The first login that holds tokens (the default one first), or None: what
-        `/health`, `start`, `claude`, `doctor` and `models` speak of."""
-        accounts = self.accounts()
-        return accounts[0] if accounts else None
-
-    def credentials(self, force_refresh=False):
-        """TokenStore.credentials of the first login: for the calls that are no one
-        conversation's (the model catalog, the usage windows)."""
-        account = self.first()
-        if account is None:
-            raise not_logged_in()
-        return account.store.credentials(force_refresh)
-
-    def accounts(self):
-        """The accounts that hold a login now, default first."""
-        self._discover()
-        return [a for a in self._accounts.values() if a.store.load() is not None]
-
-    def get(self, name):
-        self._discover()
-        return self._accounts.get(name)
-
-    def _discover(self):
-        """Look for added or removed account files, at most once a second."""
-        now = time.monotonic()
-        if now - self._looked < 1.0:
-            return
-        self._looked = now
-        try:
-            seen = (self.folder.stat().st_mtime_ns, self.config.tokens_path.exists(),
-                    self.config.codex_auth_path.exists())
-        except OSError:
-            seen = (None, self.config.tokens_path.exists(), self.config.codex_auth_path.exists())
-        if seen == self._seen:
-            return
-        with self.lock:
-            names = {DEFAULT_ACCOUNT: None}
-            if seen[0] is not None:
-                for path in sorted(self.folder.glob("*.json")):
-                    if ACCOUNT_NAME_RE.match(path.stem) and path.stem != DEFAULT_ACCOUNT:
-                        names[path.stem] = path
-            if seen[1] and seen[2] and "codex" not in names:
-                names["codex"] = self.config.codex_auth_path   # deduplicated below, once loaded
-            saved = load_quota(self.config)
-            for name, path in names.items():
-                if name not in self._accounts:
-                    self._accounts[name] = Account(name, TokenStore(self.config, path))
-                    self._accounts[name].quota = saved.get(name)
-            for name in list(self._accounts):
-                if name not in names:
-                    del self._accounts[name]
-            self._drop_duplicates()
-            self._seen = seen
-
-    def _drop_duplicates(self):
-        """The Codex CLI's login counts once: not again when it is the same account as another."""
-        codex = self._accounts.get("codex")
-        doc = codex.store.load() if codex else None
-        if codex is None or doc is None:
-            return
-        key = lambda d: (account_info(d["tokens"])["account_id"], account_info(d["tokens"])["email"])
-        for name, account in self._accounts.items():
-            other = account.store.load() if name != "codex" else None
-            if other is not None and key(other) == key(doc):
-                del self._accounts["codex"]
-                return
-
-    def choose(self, cache_key, exclude=()):
-        """The account for a request of this conversation (``cache_key``: the key, or a
-        function that gives it): its own while it can serve, else the one with the most
-        headroom; None when every one rests (or is excluded)."""
-        accounts = [a for a in self.accounts() if a.name not in exclude]
-        if len(accounts) == 1 and not exclude:
-            return accounts[0]   # one login: nothing to choose
-        if not accounts:
-            return None
-        cache_key = cache_key() if callable(cache_key) else cache_key
-        now = time.time()
-        with self.lock:
-            name = self.sticky.get(cache_key)
-            ready = [a for a in accounts if a.resting_until <= now]
-            chosen = next((a for a in ready if a.name == name), None)
-            if chosen is None and not ready:
-                return None
-            if chosen is None:
-                chosen = max(ready, key=Account.headroom)
-            if cache_key:
-                self.sticky[cache_key] = chosen.name
-                self.sticky.move_to_end(cache_key)
-                while len(self.sticky) > 4096:
-                    self.sticky.popitem(last=False)
-        return chosen
-
-    def exhausted_error(self):
-        """The 429 for when every login rests: with the earliest reset."""
-        resting = [a for a in self.accounts() if a.resting_until > time.time()]
-        if len(resting) < 2 or len(resting) < len(self.accounts()):
-            return None
-        first = min(resting, key=lambda a: a.resting_until)
-        seconds = max(1, int(math.ceil(first.resting_until - time.time())))
-        return ProxyError(429, "rate_limit_error",
-                          "All %d ChatGPT logins have reached their Codex usage limit; the first (%s) resets in %s. "
-                          "Wait until then or add another with `python codex_proxy.py login --account NAME`."
-                          % (len(resting), first.name, human_duration(seconds)), usage_limit_headers(seconds))
-
-    def rest(self, account, until):
-        """``account`` is exhausted (or refused) until ``until``: its conversations move on."""
-        with self.lock:
-            account.resting_until = max(account.resting_until, until)
-
-    def note_quota(self, account, quota):
-        """Keep an account's newest usage windows; on disk too (for `status`), at most every 10 s."""
-        changed = not account.quota or account.quota["windows"] != quota["windows"]
-        account.quota = quota
-        now = time.time()
-        if changed and now - self._quota_saved > 10:
-            self._quota_saved = now
-            with self.lock:
-                saved = {a.name: a.quota for a in self._accounts.values() if a.quota}
-            save_quota(self.config, saved)
-
-
-def load_quota(config):
-    """The last usage windows of each account, by name (CODEX_PROXY_HOME/quota.json)."""
-    try:
-        doc = json.loads((config.home / "quota.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if isinstance(doc, dict) and isinstance(doc.get("windows"), dict):
-        return {DEFAULT_ACCOUNT: doc}   # written by a version with one account
-    return {k: v for k, v in doc.items() if isinstance(v, dict) and isinstance(v.get("windows"), dict)} \
-        if isinstance(doc, dict) else {}
-
-
-def save_quota(config, quotas):
-    try:
-        write_private_file(config.home / "quota.json", json.dumps(quotas))
-    except OSError:
-        pass
-
-
-def usage_limit_headers(seconds):
-    """retry-after for a usage limit; past a minute, no retry at all (Claude Code
-    would sit in a retry loop for hours)."""
-    headers = {"retry-after": str(seconds)}
-    if seconds > 60:
-        headers["x-should-retry"] = "false"
-    return headers
-
-
 def not_logged_in():
     return ProxyError(401, "authentication_error", "Not logged in to ChatGPT. Run `python codex_proxy.py login`.")
-
-
-def stat_mode(path):
-    try:
-        return os.stat(str(path)).st_mode & 0o777
-    except OSError:
-        return 0o600
-
-
-def utc_now():
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 # ---------------------------------------------------------------------------
@@ -1058,6 +897,381 @@ def device_login(config, say, sleep=time.sleep, clock=time.monotonic):
         return exchange_code(config, answer["authorization_code"], config.issuer + "/deviceauth/callback",
                              answer.get("code_verifier") or "")
     raise LoginError("The code was not approved within %d minutes. Run the login again." % DEVICE_LOGIN_MINUTES)
+
+
+# ---------------------------------------------------------------------------
+# Accounts: logins, usage windows, failover
+# ---------------------------------------------------------------------------
+
+ACCOUNT_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,40}\Z")
+DEFAULT_ACCOUNT = "default"
+
+
+class Account:
+    """One ChatGPT login: its token store, its last usage windows, and whether it rests."""
+
+    def __init__(self, name, store):
+        self.name = name
+        self.store = store
+        self.quota = None          # the last x-codex-* windows seen for it
+        self.resting_until = 0.0   # exhausted or refused: not chosen before this time
+        self._tagged = (None, "")
+
+    @property
+    def tag(self):
+        """A short mark of the ChatGPT account, put in thinking signatures: encrypted
+        reasoning can only be sent back to the account that made it."""
+        doc = self.store.load()
+        if doc is not self._tagged[0]:   # the store hands back the same document until the file changes
+            account_id = account_info(doc["tokens"])["account_id"] if doc else None
+            self._tagged = (doc, digest_of(account_id)[:8] if account_id else "")
+        return self._tagged[1]
+
+    def headroom(self):
+        """Percent left in the fullest usage window (100 when not known yet)."""
+        windows = (self.quota or {}).get("windows") or {}
+        return 100.0 - max([w.get("used_percent") or 0.0 for w in windows.values()] or [0.0])
+
+
+class AccountPool:
+    """Every ChatGPT login the proxy may use, and which one serves a request.
+
+    ``default`` is CODEX_PROXY_HOME/tokens.json (or, without it, the Codex CLI's
+    auth.json); ``login --account NAME`` adds CODEX_PROXY_HOME/accounts/NAME.json;
+    the Codex CLI's login joins as ``codex`` when it is another ChatGPT account.
+    A conversation (its prompt cache key) stays on one account, so the backend's
+    prompt cache keeps hitting; a new one goes to the account with the most
+    headroom in its usage windows; an exhausted or refused account rests until
+    its reset, and its conversations move on. With one login, there is nothing
+    to choose and nothing to configure.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.folder = config.home / "accounts"
+        self.lock = threading.Lock()
+        self.sticky = collections.OrderedDict()   # prompt cache key -> account name
+        self.failovers = 0
+        self._quota_saved = 0.0
+        self._accounts = {DEFAULT_ACCOUNT: Account(DEFAULT_ACCOUNT, TokenStore(config))}
+        self._seen = None
+        self._looked = -1.0
+        saved = load_quota(config)
+        for name, quota in saved.items():
+            if name in self._accounts:
+                self._accounts[name].quota = quota
+
+    @property
+    def default(self):
+        return self._accounts[DEFAULT_ACCOUNT]
+
+    def first(self):
+        """The first login that holds tokens (the default one first), or None: what
+        `/health`, `start`, `claude`, `doctor` and `models` speak of."""
+        accounts = self.accounts()
+        return accounts[0] if accounts else None
+
+    def credentials(self, force_refresh=False):
+        """TokenStore.credentials of the first login: for the calls that are no one
+        conversation's (the model catalog, the usage windows)."""
+        account = self.first()
+        if account is None:
+            raise not_logged_in()
+        return account.store.credentials(force_refresh)
+
+    def accounts(self):
+        """The accounts that hold a login now, default first."""
+        self._discover()
+        return [a for a in self._accounts.values() if a.store.load() is not None]
+
+    def get(self, name):
+        self._discover()
+        return self._accounts.get(name)
+
+    def _discover(self):
+        """Look for added or removed account files, at most once a second."""
+        now = time.monotonic()
+        if now - self._looked < 1.0:
+            return
+        self._looked = now
+        try:
+            seen = (self.folder.stat().st_mtime_ns, self.config.tokens_path.exists(),
+                    self.config.codex_auth_path.exists())
+        except OSError:
+            seen = (None, self.config.tokens_path.exists(), self.config.codex_auth_path.exists())
+        if seen == self._seen:
+            return
+        with self.lock:
+            names = {DEFAULT_ACCOUNT: None}
+            if seen[0] is not None:
+                for path in sorted(self.folder.glob("*.json")):
+                    if ACCOUNT_NAME_RE.match(path.stem) and path.stem != DEFAULT_ACCOUNT:
+                        names[path.stem] = path
+            if seen[1] and seen[2] and "codex" not in names:
+                names["codex"] = self.config.codex_auth_path   # deduplicated below, once loaded
+            saved = load_quota(self.config)
+            for name, path in names.items():
+                if name not in self._accounts:
+                    self._accounts[name] = Account(name, TokenStore(self.config, path))
+                    self._accounts[name].quota = saved.get(name)
+            for name in list(self._accounts):
+                if name not in names:
+                    del self._accounts[name]
+            self._drop_duplicates()
+            self._seen = seen
+
+    def _drop_duplicates(self):
+        """The Codex CLI's login counts once: not again when it is the same account as another."""
+        codex = self._accounts.get("codex")
+        doc = codex.store.load() if codex else None
+        if codex is None or doc is None:
+            return
+        key = lambda d: (account_info(d["tokens"])["account_id"], account_info(d["tokens"])["email"])
+        for name, account in self._accounts.items():
+            other = account.store.load() if name != "codex" else None
+            if other is not None and key(other) == key(doc):
+                del self._accounts["codex"]
+                return
+
+    def choose(self, cache_key, exclude=()):
+        """The account for a request of this conversation (``cache_key``: the key, or a
+        function that gives it): its own while it can serve, else the one with the most
+        headroom; None when every one rests (or is excluded)."""
+        accounts = [a for a in self.accounts() if a.name not in exclude]
+        if len(accounts) == 1 and not exclude:
+            return accounts[0]   # one login: nothing to choose
+        if not accounts:
+            return None
+        cache_key = cache_key() if callable(cache_key) else cache_key
+        now = time.time()
+        with self.lock:
+            name = self.sticky.get(cache_key)
+            ready = [a for a in accounts if a.resting_until <= now]
+            chosen = next((a for a in ready if a.name == name), None)
+            if chosen is None and not ready:
+                return None
+            if chosen is None:
+                chosen = max(ready, key=Account.headroom)
+            if cache_key:
+                lru_put(self.sticky, cache_key, chosen.name, 4096)
+        return chosen
+
+    def exhausted_error(self):
+        """The 429 for when every login rests: with the earliest reset."""
+        resting = [a for a in self.accounts() if a.resting_until > time.time()]
+        if len(resting) < 2 or len(resting) < len(self.accounts()):
+            return None
+        first = min(resting, key=lambda a: a.resting_until)
+        seconds = max(1, int(math.ceil(first.resting_until - time.time())))
+        return ProxyError(429, "rate_limit_error",
+                          "All %d ChatGPT logins have reached their Codex usage limit; the first (%s) resets in %s. "
+                          "Wait until then or add another with `python codex_proxy.py login --account NAME`."
+                          % (len(resting), first.name, human_duration(seconds)), usage_limit_headers(seconds))
+
+    def rest(self, account, until):
+        """``account`` is exhausted (or refused) until ``until``: its conversations move on."""
+        with self.lock:
+            account.resting_until = max(account.resting_until, until)
+
+    def note_quota(self, account, quota):
+        """Keep an account's newest usage windows; on disk too (for `status`), at most every 10 s."""
+        changed = not account.quota or account.quota["windows"] != quota["windows"]
+        account.quota = quota
+        now = time.time()
+        if changed and now - self._quota_saved > 10:
+            self._quota_saved = now
+            with self.lock:
+                saved = {a.name: a.quota for a in self._accounts.values() if a.quota}
+            save_quota(self.config, saved)
+
+
+def load_quota(config):
+    """The last usage windows of each account, by name (CODEX_PROXY_HOME/quota.json)."""
+    try:
+        doc = json.loads((config.home / "quota.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if isinstance(doc, dict) and isinstance(doc.get("windows"), dict):
+        return {DEFAULT_ACCOUNT: doc}   # written by a version with one account
+    return {k: v for k, v in doc.items() if isinstance(v, dict) and isinstance(v.get("windows"), dict)} \
+        if isinstance(doc, dict) else {}
+
+
+def save_quota(config, quotas):
+    try:
+        write_private_file(config.home / "quota.json", json.dumps(quotas))
+    except OSError:
+        pass
+
+
+def usage_limit_headers(seconds):
+    """retry-after for a usage limit; past a minute, no retry at all (Claude Code
+    would sit in a retry loop for hours)."""
+    headers = {"retry-after": str(seconds)}
+    if seconds > 60:
+        headers["x-should-retry"] = "false"
+    return headers
+
+
+def quota_from_headers(headers):
+    """The x-codex-primary-*/secondary-* usage windows of a backend reply, or None."""
+    windows = {}
+    for name in ("primary", "secondary"):
+        used = header_number(headers, "x-codex-%s-used-percent" % name)
+        if used is None:
+            continue
+        reset_at = header_number(headers, "x-codex-%s-reset-at" % name)
+        after = header_number(headers, "x-codex-%s-reset-after-seconds" % name)
+        if reset_at is None and after is not None:
+            reset_at = time.time() + after
+        windows[name] = {"used_percent": used,
+                         "window_minutes": header_number(headers, "x-codex-%s-window-minutes" % name),
+                         "resets_at": int(reset_at) if reset_at else None}
+    if not windows:
+        return None
+    return {"plan": headers.get("x-codex-plan-type"), "windows": windows, "updated_at": int(time.time())}
+
+
+def quota_from_usage(doc):
+    """The same windows from GET /wham/usage."""
+    limits = doc.get("rate_limit") if isinstance(doc.get("rate_limit"), dict) else {}
+    windows = {}
+    for name in ("primary", "secondary"):
+        window = limits.get(name + "_window")
+        if not isinstance(window, dict) or not isinstance(window.get("used_percent"), (int, float)):
+            continue
+        reset_at = window.get("reset_at")
+        if not isinstance(reset_at, (int, float)) and isinstance(window.get("reset_after_seconds"), (int, float)):
+            reset_at = time.time() + window["reset_after_seconds"]
+        seconds = window.get("limit_window_seconds")
+        windows[name] = {"used_percent": float(window["used_percent"]),
+                         "window_minutes": seconds // 60 if isinstance(seconds, int) else None,
+                         "resets_at": int(reset_at) if isinstance(reset_at, (int, float)) else None}
+    return {"plan": doc.get("plan_type"), "windows": windows, "updated_at": int(time.time())}
+
+
+def header_number(headers, name):
+    try:
+        return float(headers.get(name))
+    except (TypeError, ValueError):
+        return None
+
+
+WINDOW_LABELS = {300: ("5h", "five_hour"), 10080: ("7d", "seven_day")}
+
+
+def unified_ratelimit_headers(quota):
+    """Codex usage windows as the anthropic-ratelimit-unified-* headers Claude Code reads."""
+    if not quota:
+        return {}
+    out, worst = {}, None
+    for name, window in sorted(quota["windows"].items()):
+        label, claim = WINDOW_LABELS.get(window["window_minutes"], ("5h", "five_hour") if name == "primary"
+                                         else ("7d", "seven_day"))
+        used = window["used_percent"] / 100.0
+        status = "rejected" if used >= 1 else "allowed_warning" if used >= 0.8 else "allowed"
+        prefix = "anthropic-ratelimit-unified-" + label
+        out[prefix + "-utilization"] = "%.4g" % used
+        out[prefix + "-status"] = status
+        if window["resets_at"]:
+            out[prefix + "-reset"] = str(window["resets_at"])
+        if worst is None or used > worst[0]:
+            worst = (used, status, window["resets_at"], claim)
+    out["anthropic-ratelimit-unified-status"] = worst[1]
+    out["anthropic-ratelimit-unified-representative-claim"] = worst[3]
+    if worst[2]:
+        out["anthropic-ratelimit-unified-reset"] = str(worst[2])
+    return out
+
+
+class UsageLedger:
+    """Where the quota went: one JSON line per finished turn in CODEX_PROXY_HOME/usage.jsonl
+    (mode 0600): when, which model and account, how many tokens. Never any content."""
+
+    def __init__(self, config):
+        self.path = config.home / "usage.jsonl"
+        self.lock = threading.Lock()
+
+    def record(self, model, account_name, counted):
+        """``counted``: the turn's usage, as Anthropic counts it (anthropic_usage)."""
+        line = json.dumps({"time": int(time.time()), "model": model, "account": account_name,
+                           "input": counted["input_tokens"] + counted["cache_read_input_tokens"],
+                           "cached": counted["cache_read_input_tokens"], "output": counted["output_tokens"]})
+        with self.lock:
+            try:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(str(self.path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    os.write(fd, (line + "\n").encode("utf-8"))
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass   # a full disk must not fail the reply that was already sent
+
+    def totals(self, days=None):
+        """{(day, model): [requests, input, cached, output]}, days in UTC, newest last."""
+        since = time.time() - days * 86400 if days else 0
+        totals = collections.OrderedDict()
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return totals
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                if entry["time"] < since:
+                    continue
+                key = (time.strftime("%Y-%m-%d", time.gmtime(entry["time"])), str(entry["model"]))
+                row = totals.setdefault(key, [0, 0, 0, 0])
+                for n, value in enumerate((1, entry["input"], entry["cached"], entry["output"])):
+                    row[n] += int(value)
+            except (ValueError, KeyError, TypeError):
+                continue   # a line cut short by a crash
+        return collections.OrderedDict(sorted(totals.items()))
+
+
+def login_status(config):
+    """What ``status`` reports, for every account; never a token. The top level
+    describes the default account, as before there were several."""
+    pool = AccountPool(config)
+    accounts = [account_status(a) for a in pool.accounts()]
+    status = dict(accounts[0]) if accounts else account_status(pool.default)
+    status["accounts"] = accounts
+    return status
+
+
+def account_status(account):
+    store = account.store
+    doc = store.load()
+    tokens = doc["tokens"] if doc else {}
+    info = account_info(tokens)
+    expiry = token_expiry(tokens.get("access_token"))
+    expired = expiry is not None and expiry <= time.time()
+    return {
+        "account": account.name,
+        "logged_in": doc is not None,
+        "usable": doc is not None and (not expired or bool(tokens.get("refresh_token"))),
+        "email": info["email"], "plan": info["plan"], "account_id": info["account_id"],
+        "token_file": str(store.path) if doc else None,
+        "shared_with_codex": bool(doc) and store.shared_with_codex,
+        "access_token_expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry)) if expiry else None,
+        "access_token_expired": expired,
+        "last_refresh": doc.get("last_refresh") if doc else None,
+        "quota": account.quota,
+    }
+
+
+def describe_quota(quota):
+    lines = []
+    for name, window in sorted((quota or {}).get("windows", {}).items()):
+        minutes = window.get("window_minutes")
+        label = WINDOW_LABELS.get(minutes, ("%s" % name,))[0] if minutes else name
+        resets = window.get("resets_at")
+        when = " resets in %s" % human_duration(max(resets - time.time(), 60)) if resets else ""
+        lines.append("Usage, %s window: %g%% used,%s" % (label, window["used_percent"], when))
+    if quota and quota.get("updated_at"):
+        lines.append("(as of %s)" % time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(quota["updated_at"])))
+    return lines
 
 
 # ---------------------------------------------------------------------------
@@ -1443,11 +1657,6 @@ def codex_call_id(value):
     """Tool-use ids pass through unless the backend would reject them."""
     value = value if isinstance(value, str) else ""
     return value if NAME_RE.match(value) else "call_" + digest_of(value)[:24]
-
-
-def digest_of(text):
-    # surrogatepass: JSON may carry lone surrogates, which plain UTF-8 refuses
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def translate_tools(tools, state):
@@ -2103,54 +2312,11 @@ def make_classic(codex):
         item.pop("namespace", None)
 
 
-class LearnedDowngrades:
-    """Downgrade rules per model, learned from the backend's refusals and kept for a
-    day in CODEX_PROXY_HOME/downgrades.json, so every process and `doctor` see them."""
-
-    TTL = 24 * 3600
-
-    def __init__(self, config):
-        self.path = config.home / "downgrades.json"
-        self.lock = threading.Lock()
-        try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            doc = {}
-        self.rules = {model: {rule: until for rule, until in rules.items()
-                              if rule in DOWNGRADES and isinstance(until, (int, float))}
-                      for model, rules in doc.items() if isinstance(rules, dict)} if isinstance(doc, dict) else {}
-
-    def for_model(self, model):
-        rules = self.rules.get(model)
-        if not rules:
-            return ()
-        now = time.time()
-        return tuple(rule for rule, until in rules.items() if until > now)
-
-    def learn(self, model, rule):
-        """Remember ``rule`` for ``model``; True the first time (to say so once)."""
-        with self.lock:
-            rules = dict(self.rules.get(model) or {})
-            new = rules.get(rule, 0) <= time.time()
-            rules[rule] = int(time.time() + self.TTL)
-            self.rules = dict(self.rules, **{model: rules})
-            try:
-                write_private_file(self.path, json.dumps(self.rules, indent=1, sort_keys=True))
-            except OSError:
-                pass
-        return new
-
-    def active(self):
-        """[(model, rule, until)] still in force."""
-        now = time.time()
-        return sorted((model, rule, until) for model, rules in self.rules.items()
-                      for rule, until in rules.items() if until > now)
-
-
 # ---------------------------------------------------------------------------
-# Conversation state kept between turns: message threads, hidden reasoning
+# Conversation state kept between turns: threads, hidden reasoning, counts, downgrades
 # ---------------------------------------------------------------------------
-# Both live in memory only, bounded, and never touch disk.
+# Threads, hidden reasoning and the token-count calibration live in memory only,
+# bounded; learned downgrades are kept on disk for a day, for every process.
 
 THREAD_CREATE_ONLY = ("system", "tools")   # kept by the thread; a continue must leave them out
 
@@ -2328,6 +2494,69 @@ class ReasoningCache:
         entry = self.items.pop(call_id, None)
         if entry is not None:
             self.bytes -= len(entry[2])
+
+
+class TokenCalibration:
+    """Per conversation, how the backend's input count relates to the local estimate."""
+
+    def __init__(self, size=512):
+        self.size = size
+        self._ratios = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def learn(self, key, estimate, actual):
+        if estimate <= 0 or actual <= 0:
+            return
+        with self._lock:
+            lru_put(self._ratios, key, min(max(actual / float(estimate), 0.25), 4.0), self.size)
+
+    def estimate(self, key, estimate):
+        with self._lock:
+            return int(round(estimate * self._ratios.get(key, 1.0)))
+
+
+class LearnedDowngrades:
+    """Downgrade rules per model, learned from the backend's refusals and kept for a
+    day in CODEX_PROXY_HOME/downgrades.json, so every process and `doctor` see them."""
+
+    TTL = 24 * 3600
+
+    def __init__(self, config):
+        self.path = config.home / "downgrades.json"
+        self.lock = threading.Lock()
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            doc = {}
+        self.rules = {model: {rule: until for rule, until in rules.items()
+                              if rule in DOWNGRADES and isinstance(until, (int, float))}
+                      for model, rules in doc.items() if isinstance(rules, dict)} if isinstance(doc, dict) else {}
+
+    def for_model(self, model):
+        rules = self.rules.get(model)
+        if not rules:
+            return ()
+        now = time.time()
+        return tuple(rule for rule, until in rules.items() if until > now)
+
+    def learn(self, model, rule):
+        """Remember ``rule`` for ``model``; True the first time (to say so once)."""
+        with self.lock:
+            rules = dict(self.rules.get(model) or {})
+            new = rules.get(rule, 0) <= time.time()
+            rules[rule] = int(time.time() + self.TTL)
+            self.rules = dict(self.rules, **{model: rules})
+            try:
+                write_private_file(self.path, json.dumps(self.rules, indent=1, sort_keys=True))
+            except OSError:
+                pass
+        return new
+
+    def active(self):
+        """[(model, rule, until)] still in force."""
+        now = time.time()
+        return sorted((model, rule, until) for model, rules in self.rules.items()
+                      for rule, until in rules.items() if until > now)
 
 
 # ---------------------------------------------------------------------------
@@ -2945,9 +3174,7 @@ class CodexClient:
         with self._lock:
             self.turn_states.pop(key, None)
             if state:
-                self.turn_states[key] = state
-                while len(self.turn_states) > 1024:
-                    self.turn_states.popitem(last=False)
+                lru_put(self.turn_states, key, state, 1024)
 
     def get_json(self, path):
         """GET a JSON document from the backend: (document, response headers)."""
@@ -3064,11 +3291,6 @@ def drain(response):
         return b""
 
 
-def describe(exc):
-    text = str(exc) or type(exc).__name__
-    return text if len(text) < 200 else text[:200] + "..."
-
-
 class CodexStream:
     """One streaming /responses reply, read by the thread that relays it.
 
@@ -3152,43 +3374,6 @@ class CodexStream:
             self.client.finishing(-1)
 
 
-class Keeper:
-    """One thread for the whole server, looking at every running reply about once a
-    second: pings the quiet ones, ends idle upstreams, notices clients that left.
-    The relaying threads then spend no time on any of this."""
-
-    def __init__(self, server):
-        self.server = server
-        self.watched = {}
-        self.lock = threading.Lock()
-        self.thread = None
-
-    def watch(self, handler, stream):
-        with self.lock:
-            self.watched[handler] = stream
-            if self.thread is None:
-                self.thread = threading.Thread(target=self.run, name="codex-proxy-keeper", daemon=True)
-                self.thread.start()
-
-    def unwatch(self, handler):
-        with self.lock:
-            self.watched.pop(handler, None)
-
-    def run(self):
-        config = self.server.config
-        tick = min(1.0, config.ping_interval / 2.0, config.idle_timeout / 4.0)
-        while True:
-            time.sleep(tick)
-            with self.lock:
-                watched = list(self.watched.items())
-            now = time.monotonic()
-            for handler, stream in watched:
-                try:
-                    handler.keep(stream, now)
-                except Exception as exc:   # one odd stream must not stop the keeping of all the others
-                    handler.log_error("keeper: %s", describe(exc))
-
-
 def idle_message(seconds):
     return "The Codex backend sent nothing for %g seconds." % seconds
 
@@ -3216,6 +3401,62 @@ def read_sse(response):
         if not chunk:
             return
 
+
+class ModelCatalog:
+    """The account's models, from GET {upstream}/models; 5 minutes in memory, kept on disk.
+
+    ``current()`` never waits for the network: stale data is served while a
+    refresh runs in the background, and the built-in table stands in before
+    the first answer.
+    """
+
+    TTL = 300
+
+    def __init__(self, config, client):
+        self.client = client
+        self.path = config.home / "models_cache.json"
+        self._models = None
+        self._fetched = 0.0
+        self._refreshing = threading.Lock()
+
+    def current(self):
+        if self._models is None:
+            self._load()
+        if time.time() - self._fetched > self.TTL and self._refreshing.acquire(blocking=False):
+            threading.Thread(target=self._refresh_quietly, daemon=True).start()
+        return self._models or {}
+
+    def refresh(self):
+        """Fetch now (raises ProxyError or UpstreamBroken); return slug -> entry."""
+        doc, _ = self.client.get_json(self.client.base + "/models?client_version=" + CODEX_CLIENT_VERSION)
+        models = {m["slug"]: m for m in doc.get("models") or [] if isinstance(m, dict) and isinstance(m.get("slug"), str)}
+        self._models, self._fetched = models, time.time()
+        try:
+            write_private_file(self.path, json.dumps({"fetched_at": int(self._fetched), "models": list(models.values())}))
+        except OSError:
+            pass
+        return models
+
+    def _refresh_quietly(self):
+        try:
+            self.refresh()
+        except (ProxyError, CodexFailure, UpstreamBroken, OSError):
+            self._fetched = time.time()   # try again after the next TTL, not on every request
+        finally:
+            self._refreshing.release()
+
+    def _load(self):
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            self._models = {m["slug"]: m for m in doc["models"]}
+            self._fetched = float(doc["fetched_at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            self._models = None
+
+
+# -- Upstream failures -------------------------------------------------------
+# Every way the backend can refuse or fail a turn becomes a CodexFailure here:
+# the Anthropic error Claude Code acts on, and the verdict the relay reads.
 
 def upstream_error_fields(body):
     """-> (code, message, error object) from a backend error body of any known shape."""
@@ -3401,208 +3642,6 @@ def usage_limit_message(plan, seconds):
     return ("The ChatGPT%s usage limit for Codex is reached; it resets in %s (at %s). "
             "Wait until then or log in with another account." % (
                 " " + plan if isinstance(plan, str) and plan else "", human_duration(seconds), reset))
-
-
-def human_duration(seconds):
-    minutes, _ = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    if days:
-        return "%d d %d h" % (days, hours)
-    if hours:
-        return "%d h %d min" % (hours, minutes)
-    return "%d min" % max(minutes, 1)
-
-
-def quota_from_headers(headers):
-    """The x-codex-primary-*/secondary-* usage windows of a backend reply, or None."""
-    windows = {}
-    for name in ("primary", "secondary"):
-        used = header_number(headers, "x-codex-%s-used-percent" % name)
-        if used is None:
-            continue
-        reset_at = header_number(headers, "x-codex-%s-reset-at" % name)
-        after = header_number(headers, "x-codex-%s-reset-after-seconds" % name)
-        if reset_at is None and after is not None:
-            reset_at = time.time() + after
-        windows[name] = {"used_percent": used,
-                         "window_minutes": header_number(headers, "x-codex-%s-window-minutes" % name),
-                         "resets_at": int(reset_at) if reset_at else None}
-    if not windows:
-        return None
-    return {"plan": headers.get("x-codex-plan-type"), "windows": windows, "updated_at": int(time.time())}
-
-
-def quota_from_usage(doc):
-    """The same windows from GET /wham/usage."""
-    limits = doc.get("rate_limit") if isinstance(doc.get("rate_limit"), dict) else {}
-    windows = {}
-    for name in ("primary", "secondary"):
-        window = limits.get(name + "_window")
-        if not isinstance(window, dict) or not isinstance(window.get("used_percent"), (int, float)):
-            continue
-        reset_at = window.get("reset_at")
-        if not isinstance(reset_at, (int, float)) and isinstance(window.get("reset_after_seconds"), (int, float)):
-            reset_at = time.time() + window["reset_after_seconds"]
-        seconds = window.get("limit_window_seconds")
-        windows[name] = {"used_percent": float(window["used_percent"]),
-                         "window_minutes": seconds // 60 if isinstance(seconds, int) else None,
-                         "resets_at": int(reset_at) if isinstance(reset_at, (int, float)) else None}
-    return {"plan": doc.get("plan_type"), "windows": windows, "updated_at": int(time.time())}
-
-
-def header_number(headers, name):
-    try:
-        return float(headers.get(name))
-    except (TypeError, ValueError):
-        return None
-
-
-WINDOW_LABELS = {300: ("5h", "five_hour"), 10080: ("7d", "seven_day")}
-
-
-def unified_ratelimit_headers(quota):
-    """Codex usage windows as the anthropic-ratelimit-unified-* headers Claude Code reads."""
-    if not quota:
-        return {}
-    out, worst = {}, None
-    for name, window in sorted(quota["windows"].items()):
-        label, claim = WINDOW_LABELS.get(window["window_minutes"], ("5h", "five_hour") if name == "primary"
-                                         else ("7d", "seven_day"))
-        used = window["used_percent"] / 100.0
-        status = "rejected" if used >= 1 else "allowed_warning" if used >= 0.8 else "allowed"
-        prefix = "anthropic-ratelimit-unified-" + label
-        out[prefix + "-utilization"] = "%.4g" % used
-        out[prefix + "-status"] = status
-        if window["resets_at"]:
-            out[prefix + "-reset"] = str(window["resets_at"])
-        if worst is None or used > worst[0]:
-            worst = (used, status, window["resets_at"], claim)
-    out["anthropic-ratelimit-unified-status"] = worst[1]
-    out["anthropic-ratelimit-unified-representative-claim"] = worst[3]
-    if worst[2]:
-        out["anthropic-ratelimit-unified-reset"] = str(worst[2])
-    return out
-
-
-class ModelCatalog:
-    """The account's models, from GET {upstream}/models; 5 minutes in memory, kept on disk.
-
-    ``current()`` never waits for the network: stale data is served while a
-    refresh runs in the background, and the built-in table stands in before
-    the first answer.
-    """
-
-    TTL = 300
-
-    def __init__(self, config, client):
-        self.client = client
-        self.path = config.home / "models_cache.json"
-        self._models = None
-        self._fetched = 0.0
-        self._refreshing = threading.Lock()
-
-    def current(self):
-        if self._models is None:
-            self._load()
-        if time.time() - self._fetched > self.TTL and self._refreshing.acquire(blocking=False):
-            threading.Thread(target=self._refresh_quietly, daemon=True).start()
-        return self._models or {}
-
-    def refresh(self):
-        """Fetch now (raises ProxyError or UpstreamBroken); return slug -> entry."""
-        doc, _ = self.client.get_json(self.client.base + "/models?client_version=" + CODEX_CLIENT_VERSION)
-        models = {m["slug"]: m for m in doc.get("models") or [] if isinstance(m, dict) and isinstance(m.get("slug"), str)}
-        self._models, self._fetched = models, time.time()
-        try:
-            write_private_file(self.path, json.dumps({"fetched_at": int(self._fetched), "models": list(models.values())}))
-        except OSError:
-            pass
-        return models
-
-    def _refresh_quietly(self):
-        try:
-            self.refresh()
-        except (ProxyError, CodexFailure, UpstreamBroken, OSError):
-            self._fetched = time.time()   # try again after the next TTL, not on every request
-        finally:
-            self._refreshing.release()
-
-    def _load(self):
-        try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
-            self._models = {m["slug"]: m for m in doc["models"]}
-            self._fetched = float(doc["fetched_at"])
-        except (OSError, ValueError, KeyError, TypeError):
-            self._models = None
-
-
-class TokenCalibration:
-    """Per conversation, how the backend's input count relates to the local estimate."""
-
-    def __init__(self, size=512):
-        self.size = size
-        self._ratios = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def learn(self, key, estimate, actual):
-        if estimate <= 0 or actual <= 0:
-            return
-        with self._lock:
-            self._ratios[key] = min(max(actual / float(estimate), 0.25), 4.0)
-            self._ratios.move_to_end(key)
-            while len(self._ratios) > self.size:
-                self._ratios.popitem(last=False)
-
-    def estimate(self, key, estimate):
-        with self._lock:
-            return int(round(estimate * self._ratios.get(key, 1.0)))
-
-
-class UsageLedger:
-    """Where the quota went: one JSON line per finished turn in CODEX_PROXY_HOME/usage.jsonl
-    (mode 0600): when, which model and account, how many tokens. Never any content."""
-
-    def __init__(self, config):
-        self.path = config.home / "usage.jsonl"
-        self.lock = threading.Lock()
-
-    def record(self, model, account_name, counted):
-        """``counted``: the turn's usage, as Anthropic counts it (anthropic_usage)."""
-        line = json.dumps({"time": int(time.time()), "model": model, "account": account_name,
-                           "input": counted["input_tokens"] + counted["cache_read_input_tokens"],
-                           "cached": counted["cache_read_input_tokens"], "output": counted["output_tokens"]})
-        with self.lock:
-            try:
-                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                fd = os.open(str(self.path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                try:
-                    os.write(fd, (line + "\n").encode("utf-8"))
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass   # a full disk must not fail the reply that was already sent
-
-    def totals(self, days=None):
-        """{(day, model): [requests, input, cached, output]}, days in UTC, newest last."""
-        since = time.time() - days * 86400 if days else 0
-        totals = collections.OrderedDict()
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except OSError:
-            return totals
-        for line in lines:
-            try:
-                entry = json.loads(line)
-                if entry["time"] < since:
-                    continue
-                key = (time.strftime("%Y-%m-%d", time.gmtime(entry["time"])), str(entry["model"]))
-                row = totals.setdefault(key, [0, 0, 0, 0])
-                for n, value in enumerate((1, entry["input"], entry["cached"], entry["output"])):
-                    row[n] += int(value)
-            except (ValueError, KeyError, TypeError):
-                continue   # a line cut short by a crash
-        return collections.OrderedDict(sorted(totals.items()))
 
 
 # ---------------------------------------------------------------------------
@@ -4353,7 +4392,41 @@ class ProxyHandler(BaseHTTPRequestHandler):
         sys.stderr.write("%s %s\n" % (time.strftime("%H:%M:%S"), text))
 
 
-SECRET_RE = re.compile(r"eyJ[\w-]{8,}\.[\w-]+\.[\w-]*|(?i:bearer)\s+\S+|\b(?:sk|cxp|rt|at)-[\w-]{8,}")
+class Keeper:
+    """One thread for the whole server, looking at every running reply about once a
+    second: pings the quiet ones, ends idle upstreams, notices clients that left.
+    The relaying threads then spend no time on any of this."""
+
+    def __init__(self, server):
+        self.server = server
+        self.watched = {}
+        self.lock = threading.Lock()
+        self.thread = None
+
+    def watch(self, handler, stream):
+        with self.lock:
+            self.watched[handler] = stream
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="codex-proxy-keeper", daemon=True)
+                self.thread.start()
+
+    def unwatch(self, handler):
+        with self.lock:
+            self.watched.pop(handler, None)
+
+    def run(self):
+        config = self.server.config
+        tick = min(1.0, config.ping_interval / 2.0, config.idle_timeout / 4.0)
+        while True:
+            time.sleep(tick)
+            with self.lock:
+                watched = list(self.watched.items())
+            now = time.monotonic()
+            for handler, stream in watched:
+                try:
+                    handler.keep(stream, now)
+                except Exception as exc:   # one odd stream must not stop the keeping of all the others
+                    handler.log_error("keeper: %s", describe(exc))
 
 
 def request_log_line(record):
@@ -4377,17 +4450,6 @@ def request_log_line(record):
     if record.get("error"):
         line += " error=" + record["error"]
     return line
-
-
-def redact(text):
-    """Mask anything that looks like a token or key before it reaches a log."""
-    return SECRET_RE.sub("[redacted]", text)
-
-
-def json_bytes(doc):
-    """Compact UTF-8 JSON. JSON input may carry lone surrogates ("\\ud800"), which
-    UTF-8 cannot encode; they become "?" instead of an exception."""
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
 
 
 def readable_now(sock):
@@ -4745,37 +4807,6 @@ def cmd_login(args):
     return 0
 
 
-def login_status(config):
-    """What ``status`` reports, for every account; never a token. The top level
-    describes the default account, as before there were several."""
-    pool = AccountPool(config)
-    accounts = [account_status(a) for a in pool.accounts()]
-    status = dict(accounts[0]) if accounts else account_status(pool.default)
-    status["accounts"] = accounts
-    return status
-
-
-def account_status(account):
-    store = account.store
-    doc = store.load()
-    tokens = doc["tokens"] if doc else {}
-    info = account_info(tokens)
-    expiry = token_expiry(tokens.get("access_token"))
-    expired = expiry is not None and expiry <= time.time()
-    return {
-        "account": account.name,
-        "logged_in": doc is not None,
-        "usable": doc is not None and (not expired or bool(tokens.get("refresh_token"))),
-        "email": info["email"], "plan": info["plan"], "account_id": info["account_id"],
-        "token_file": str(store.path) if doc else None,
-        "shared_with_codex": bool(doc) and store.shared_with_codex,
-        "access_token_expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry)) if expiry else None,
-        "access_token_expired": expired,
-        "last_refresh": doc.get("last_refresh") if doc else None,
-        "quota": account.quota,
-    }
-
-
 def live_quota(config, account=None):
     """Ask the backend for an account's usage windows now (GET /wham/usage); keep them for later."""
     pool = AccountPool(config)
@@ -4790,19 +4821,6 @@ def live_quota(config, account=None):
     saved[account.name] = quota
     save_quota(config, saved)
     return quota
-
-
-def describe_quota(quota):
-    lines = []
-    for name, window in sorted((quota or {}).get("windows", {}).items()):
-        minutes = window.get("window_minutes")
-        label = WINDOW_LABELS.get(minutes, ("%s" % name,))[0] if minutes else name
-        resets = window.get("resets_at")
-        when = " resets in %s" % human_duration(max(resets - time.time(), 60)) if resets else ""
-        lines.append("Usage, %s window: %g%% used,%s" % (label, window["used_percent"], when))
-    if quota and quota.get("updated_at"):
-        lines.append("(as of %s)" % time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(quota["updated_at"])))
-    return lines
 
 
 def cmd_status(args):
