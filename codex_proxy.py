@@ -5083,9 +5083,10 @@ class Doctor:
 
     def live_checks(self):
         """One tiny real request per feature, through a proxy started here on a free port."""
-        config = Config(home=self.config.home, codex_home=self.config.codex_home, upstream=self.config.upstream,
-                        issuer=self.config.issuer, host="127.0.0.1", port=0, api_key="doctor-" + secrets.token_hex(16),
-                        models=self.config.models)
+        import copy
+        config = copy.copy(self.config)   # the same settings and timings, on a port of its own
+        config.host, config.port, config.api_key = "127.0.0.1", 0, "doctor-" + secrets.token_hex(16)
+        config.verbose, config.log_file = False, None
         server = ProxyServer(config)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:

@@ -34,6 +34,19 @@ ACCOUNT_ID = "acct-1234"
 TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
 
 
+def wait_until(condition, timeout=10.0, what="the condition"):
+    """Poll ``condition`` until it is true (its value is returned) or ``timeout`` passes
+    (AssertionError). For what the proxy does just after a reply went out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError("%s was not reached in %g s" % (what, timeout))
+        time.sleep(0.01)
+
+
 def fixture(*parts):
     path = FIXTURES.joinpath(*parts)
     if not path.exists():
@@ -1886,6 +1899,82 @@ class TestCodexParity(unittest.TestCase):
 CATALOG = {m["slug"]: m for m in FAKE_CATALOG}
 
 
+class TestRecoveryTable(unittest.TestCase):
+    """What the relay does after a failed attempt: one pure function, one test per outcome."""
+
+    def failure(self, kind="failed", downgrade=None, **fields):
+        failure = cp.codex_failure(kind, "m", **fields)
+        failure.downgrade = downgrade
+        return failure
+
+    def decide(self, failure, seen_bytes=False, retries=0, downgraded=()):
+        return cp.recovery(failure, seen_bytes, retries, set(downgraded), 3, 0.25)
+
+    def test_once_the_client_has_seen_bytes_the_error_is_answered(self):
+        for failure in (self.failure(), self.failure("request_refused", ("tool_choice", True)),
+                        self.failure("usage_limit_reached")):
+            self.assertEqual(self.decide(failure, seen_bytes=True), ("answer", None))
+
+    def test_a_refused_part_is_downgraded_once(self):
+        failure = self.failure("request_refused", ("tool_choice", True))
+        self.assertEqual(self.decide(failure), ("downgrade", ("tool_choice", True)))
+        self.assertEqual(self.decide(failure, downgraded={"tool_choice"}), ("answer", None), "never a loop")
+
+    def test_a_login_that_must_rest_moves_the_turn(self):
+        for kind in ("usage_limit_reached", "insufficient_quota", "usage_not_included", "login_refused"):
+            self.assertEqual(self.decide(self.failure(kind)), ("move", None), kind)
+        self.assertEqual(self.decide(cp.login_failure(cp.not_logged_in())), ("move", None))
+
+    def test_a_retryable_failure_is_retried_with_a_doubling_backoff(self):
+        for kind in ("failed", "stream_broken", "server_error"):
+            self.assertEqual(self.decide(self.failure(kind)), ("retry", 0.25), kind)
+        self.assertEqual(self.decide(self.failure(), retries=2), ("retry", 1.0))
+
+    def test_retries_end_with_the_error(self):
+        self.assertEqual(self.decide(self.failure(), retries=3), ("answer", None))
+
+    def test_a_final_failure_is_answered_at_once(self):
+        for kind in ("context_length_exceeded", "rate_limit_exceeded", "server_is_overloaded", "cyber_policy",
+                     "model_refused", "forbidden", "request_refused"):
+            self.assertEqual(self.decide(self.failure(kind)), ("answer", None), kind)
+        shutting_down = cp.CodexFailure(cp.ProxyError(529, "overloaded_error", "The proxy is shutting down."))
+        self.assertEqual(self.decide(shutting_down), ("answer", None))
+
+
+class TestUpstreamFailureTable(unittest.TestCase):
+    """One table from a Codex failure to the Anthropic error and the relay's verdict."""
+
+    def test_an_http_error_and_the_same_failure_in_the_stream_map_alike(self):
+        for code in cp.BACKEND_CODES:
+            body = json.dumps({"error": {"code": code, "message": "Try again in 3 seconds."}}).encode()
+            http_side = cp.upstream_http_error(400, body, {}, None)
+            stream_side = cp.upstream_failure({"code": code, "message": "Try again in 3 seconds."}, None)
+            self.assertEqual((http_side.error.status, http_side.error.error_type, http_side.error.message[:60],
+                              http_side.retryable, http_side.rest is None),
+                             (stream_side.error.status, stream_side.error.error_type, stream_side.error.message[:60],
+                              stream_side.retryable, stream_side.rest is None), code)
+
+    def test_every_row_answers_with_a_known_error_type_and_final_rows_say_no_retry(self):
+        for kind, (status, error_type, _, after, rest) in cp.CODEX_FAILURES.items():
+            failure = cp.codex_failure(kind, "m", status=500)
+            self.assertEqual(cp.ERROR_TYPES[failure.error.status], error_type, kind)
+            self.assertEqual(failure.error.headers.get("x-should-retry") == "false", after == cp.FINAL
+                             or (kind == "usage_limit_reached" and failure.rest > 60), kind)
+            self.assertEqual(failure.retryable, after == cp.RETRY, kind)
+            self.assertTrue(failure.error.message.strip(), kind)
+
+    def test_the_rows_say_how_long_a_login_rests(self):
+        self.assertEqual(cp.codex_failure("login_refused").rest, 600)
+        self.assertEqual(cp.codex_failure("insufficient_quota").rest, 3600)
+        self.assertEqual(cp.codex_failure("usage_limit_reached", error={"resets_in_seconds": 120}).rest, 120)
+        self.assertIsNone(cp.codex_failure("rate_limit_exceeded").rest)
+
+    def test_an_unknown_backend_code_is_a_retryable_failure(self):
+        failure = cp.upstream_failure({"code": "server_error", "message": "boom"}, None)
+        self.assertEqual((failure.error.status, failure.error.message, failure.retryable),
+                         (500, "The Codex backend failed: boom", True))
+
+
 class TestCodexCliStreams(unittest.TestCase):
     """The 51 Responses streams from the Codex CLI's own tests: each becomes a valid
     Anthropic stream, or the documented error."""
@@ -2188,13 +2277,10 @@ class CliRun:
             sys.stdin = saved
 
     def wait_for(self, pattern, timeout=10):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = re.search(pattern, self.out.getvalue())
-            if match:
-                return match
-            time.sleep(0.01)
-        raise AssertionError("%r never printed; output so far: %s" % (pattern, self.out.getvalue()))
+        try:
+            return wait_until(lambda: re.search(pattern, self.out.getvalue()), timeout)
+        except AssertionError:
+            raise AssertionError("%r never printed; output so far: %s" % (pattern, self.out.getvalue()))
 
     def result(self, timeout=20):
         self.thread.join(timeout)
@@ -3188,19 +3274,13 @@ class TestMessageThreads(ThreadCase):
         results = []
         worker = threading.Thread(target=lambda: results.append(self.continue_(first, stream=True)))
         worker.start()
-        self.wait_until(lambda: len(self.fake.requests) == 2)
+        wait_until(lambda: len(self.fake.requests) == 2)
         other = self.continue_(first)
         slow.gate.set()
         worker.join(30)
         self.assertEqual(other.status, 400)
         self.assertEqual(other.json()["error"]["details"]["error_code"], "thread_continue_in_flight")
         self.assertEqual(results[0].status, 200)
-
-    def wait_until(self, condition):
-        deadline = time.monotonic() + 10
-        while not condition():
-            self.assertLess(time.monotonic(), deadline)
-            time.sleep(0.01)
 
     def test_a_failed_reply_is_not_stored_and_the_thread_goes_on_from_before(self):
         first = self.create()
@@ -3259,9 +3339,7 @@ class TestMessageThreads(ThreadCase):
         turns = lambda: len(ledger.read_text().splitlines()) if ledger.exists() else 0
         before = turns()
         self.create(text=marker)
-        deadline = time.monotonic() + 10   # the ledger line is the last thing written after a reply
-        while turns() == before and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: turns() != before, what="the ledger line")   # the last thing written after a reply
         for path in self.home.rglob("*"):
             if path.is_file():
                 self.assertNotIn(marker, path.read_text(errors="replace"), path)
@@ -3684,9 +3762,7 @@ class TestAccountInTheLog(AccountsCase):
         self.proxy.accounts.rest(self.proxy.accounts.default, time.time() + 60)
         self.fake.reply(self.fake.turn().text("ok").completed())
         self.assertEqual(self.post(BASIC).status, 200)
-        deadline = time.monotonic() + 10   # written just after the reply went out
-        while not path.read_text() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(path.read_text, what="the log line")   # written just after the reply went out
         record = json.loads(path.read_text().splitlines()[-1])
         self.assertEqual(record["account"], "work")
 
@@ -3703,9 +3779,7 @@ class TestUsageLedger(ProxyCase):
                         self.fake.turn("gpt-5.4-mini").text("small").completed(input_tokens=300, output_tokens=20))
         for body in (BASIC, BASIC, dict(BASIC, model="claude-haiku-4-5")):
             self.assertEqual(self.post(body).status, 200)
-        deadline = time.monotonic() + 10   # each line is written just after its reply went out
-        while len(ledger.read_text().splitlines()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: len(ledger.read_text().splitlines()) >= 3, what="three ledger lines")
         lines = [json.loads(l) for l in ledger.read_text().splitlines()]
         self.assertEqual([(l["model"], l["input"], l["cached"], l["output"]) for l in lines],
                          [("gpt-5.5", 1000, 600, 50), ("gpt-5.5", 1200, 900, 70), ("gpt-5.4-mini", 300, 0, 20)])
@@ -4042,10 +4116,7 @@ class TestConnectionLimits(ProxyCase):
         return sock
 
     def wait_for(self, condition, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while not condition():
-            self.assertLess(time.monotonic(), deadline, "condition not reached in %g s" % timeout)
-            time.sleep(0.01)
+        wait_until(condition, timeout)
 
     def timed_models_request(self):
         started = time.monotonic()
@@ -4248,8 +4319,7 @@ class TestShutdownAndLogs(unittest.TestCase):
         threads = [threading.Thread(target=call, args=(name,)) for name in ("quick", "stuck")]
         for thread in threads:
             thread.start()
-            while len(fake.requests) < threads.index(thread) + 1:
-                time.sleep(0.01)
+            wait_until(lambda: len(fake.requests) >= threads.index(thread) + 1, 30)
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         code = process.wait(15)
@@ -4528,9 +4598,7 @@ class TestQuota(ProxyCase):
         self.proxy.accounts._quota_saved = 0
         self.fake.reply(Reply(events=self.fake.turn().text("ok").completed(), headers=USAGE_HEADERS))
         self.assertEqual(self.post(BASIC).status, 200)
-        deadline = time.monotonic() + 10   # the proxy saves it just after the reply went out
-        while not (self.home / "quota.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until((self.home / "quota.json").exists, what="quota.json")   # saved just after the reply
         env = {"CODEX_PROXY_HOME": str(self.home), "CODEX_HOME": str(self.home / "codex-home"),
                "CODEX_PROXY_UPSTREAM": self.fake.url}
         with mock.patch.dict(os.environ, env):
@@ -4701,23 +4769,19 @@ class TestDoctor(CliCase):
 
     def test_a_broken_setup_shows_each_failure_with_its_fix(self):
         (self.home / "tokens.json").chmod(0o644)
-        self.env["CODEX_PROXY_UPSTREAM"] = "http://127.0.0.1:%d/backend-api/codex" % free_port()
-        result = self.run_cli("doctor")
-        self.assertEqual(result.returncode, 1)
-        out = result.stdout
+        failures, out = run_doctor(make_config(self.home, "http://127.0.0.1:%d/backend-api/codex" % free_port()))
+        self.assertEqual(failures, 5, out)
         self.assertIn("\u2717 token file mode 0644\n    fix: chmod 600 %s" % (self.home / "tokens.json"), out)
         self.assertIn("\u2717 Codex backend: Cannot reach the Codex backend", out)
         for check in ("text reply", "tool call", "reasoning replay"):
             self.assertRegex(out, "\u2717 %s: Cannot reach.*\n    fix: check the network connection and CODEX_PROXY_UPSTREAM" % check)
-        self.assertTrue(out.rstrip().endswith("5 checks failed."), out)
 
     def test_a_login_that_expired_for_good_says_to_log_in_again(self):
-        self.env["CODEX_PROXY_ISSUER"] = "http://127.0.0.1:%d" % free_port()
         write_tokens(self.home / "tokens.json", access=expired_access())
-        result = self.run_cli("doctor")
-        self.assertEqual(result.returncode, 1)
-        self.assertIn("\u2717 Could not refresh the ChatGPT login", result.stdout)
-        self.assertIn("fix: run `python codex_proxy.py login`", result.stdout)
+        failures, out = run_doctor(make_config(self.home, self.fake.url, issuer="http://127.0.0.1:%d" % free_port()))
+        self.assertEqual(failures, 1)
+        self.assertIn("\u2717 Could not refresh the ChatGPT login", out)
+        self.assertIn("fix: run `python codex_proxy.py login`", out)
 
     def test_doctor_lists_what_the_proxy_learned_to_leave_out(self):
         self.fake.refuse = (REFUSALS[0][2], 400, REFUSALS[0][3])   # the backend refuses tool_choice
@@ -4744,6 +4808,61 @@ class TestDoctor(CliCase):
         result = self.run_cli("doctor")
         self.assertIn("\u2717 haiku -> gpt-5.4-mini is not available on this plan\n    fix: set CODEX_PROXY_HAIKU_MODEL to one of:",
                       result.stdout)
+
+
+class TestOnlyANamedLogin(CliCase):
+    """With only `login --account work` (no tokens.json), every entry point finds the login."""
+
+    def setUp(self):
+        CliCase.setUp(self)
+        (self.home / "accounts").mkdir(mode=0o700)
+        os.replace(str(self.home / "tokens.json"), str(self.home / "accounts" / "work.json"))
+        self.config = make_config(self.home, self.fake.url)
+
+    def test_health_says_logged_in(self):
+        proxy = cp.ProxyServer(self.config)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        self.addCleanup(proxy.server_close)
+        self.addCleanup(proxy.shutdown)
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.server_address[1], timeout=10)
+        conn.request("GET", "/health")
+        self.assertEqual(json.loads(conn.getresponse().read())["logged_in"], True)
+        conn.close()
+
+    def test_start_names_the_account(self):
+        proxy = cp.ProxyServer(self.config)
+        self.addCleanup(proxy.server_close)
+        banner = "\n".join(cp.start_banner(proxy))
+        self.assertIn("ChatGPT account work: unknown (unknown plan), login from %s" % (self.home / "accounts" / "work.json"),
+                      banner)
+        self.assertNotIn("Not logged in", banner)
+
+    def test_claude_starts(self):
+        self.stub_claude()
+        result = self.run_cli("claude", "-p", "x")
+        self.assertEqual(result.returncode, 7, result.stderr)
+        self.assertEqual(json.loads(result.stdout)["models_status"], 200)
+
+    def test_models_asks_the_backend_with_that_login(self):
+        result = self.run_cli("models", "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn("Could not fetch", result.stderr)
+        self.assertEqual([m["model"] for m in json.loads(result.stdout)], [m["slug"] for m in FAKE_CATALOG])
+        self.assertEqual(self.fake.requests, [], "only the catalog was asked")
+
+    def test_doctor_works(self):
+        TestDoctor.script_healthy(self)
+        failures, out = run_doctor(self.config)
+        self.assertEqual(failures, 0, out)
+        self.assertIn("ChatGPT login in %s (account work)" % (self.home / "accounts" / "work.json"), out)
+        self.assertIn("reasoning replay: encrypted reasoning sent back and accepted", out)
+
+
+def run_doctor(config):
+    """-> (failures, what it printed): doctor in this process, with the test's short timings."""
+    lines = []
+    failures = cp.Doctor(config, say=lines.append).run()
+    return failures, "\n".join(lines)
 
 
 class TestRequestLog(CliCase):
