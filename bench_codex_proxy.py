@@ -32,7 +32,8 @@ HERE = Path(__file__).resolve().parent
 PROXY = HERE / "codex_proxy.py"
 KEY = "bench-" + secrets.token_hex(16)
 RATE = 100   # upstream events per second per stream in the latency runs
-TARGETS = {"ttfb_added_p50_ms": 2.0, "ttfb_added_p99_ms": 10.0, "event_added_ms": 1.0,
+TARGETS = {"serial_55k_new_added_p50_ms": 1.7, "serial_55k_kept_added_p50_ms": 1.0,
+           "serial_1k_new_added_p50_ms": 0.9, "serial_1k_kept_added_p50_ms": 0.9, "ttfb_added_p50_ms": 2.0, "ttfb_added_p99_ms": 10.0, "event_added_ms": 1.0,
            "events_per_core_second": 20000, "rss_64_mb": 40.0, "connections_per_100": 1, "start_ms": 150.0}
 
 
@@ -179,14 +180,14 @@ def request_body():
 
 
 class Proxy:
-    def __init__(self, upstream):
+    def __init__(self, upstream, program=PROXY):
         self.home = Path(tempfile.mkdtemp(prefix="codex-proxy-bench-"))
         (self.home / "tokens.json").write_text(json.dumps({"tokens": {
             "access_token": "bench-token", "refresh_token": "rt", "account_id": "acct"}}))
         self.env = dict(os.environ, CODEX_PROXY_HOME=str(self.home), CODEX_HOME=str(self.home / "codex"),
                         CODEX_PROXY_UPSTREAM=upstream, CODEX_PROXY_API_KEY=KEY)
         started = time.monotonic()
-        self.process = subprocess.Popen([sys.executable, str(PROXY), "start", "--port", "0"], env=self.env,
+        self.process = subprocess.Popen([sys.executable, str(program), "start", "--port", "0"], env=self.env,
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.port = int(re.search(r":(\d+)\s*$", self.process.stdout.readline()).group(1))
         socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
@@ -220,8 +221,9 @@ STAMP = re.compile(rb"(\d+\.\d{6});")
 class Client:
     """Keeps one connection; times one streamed reply at a time."""
 
-    def __init__(self, port, path, headers, marker=None):
+    def __init__(self, port, path, headers, marker=None, fresh=False):
         self.port, self.path, self.headers, self.marker = port, path, headers, marker
+        self.fresh = fresh   # a new connection for every request
         self.conn = None
 
     def stream(self, body):
@@ -252,6 +254,9 @@ class Client:
             tail = data[data.rfind(b"\n\n") + 2:]   # a stamp cut in two is read whole with the next chunk
         if response.status != 200:
             raise RuntimeError("HTTP %d" % response.status)
+        if self.fresh:
+            self.close()
+            self.conn = None
         return first, latencies, events
 
     def close(self):
@@ -259,13 +264,14 @@ class Client:
             self.conn.close()
 
 
-def direct_client(upstream):
+def direct_client(upstream, fresh=False):
     return Client(upstream.server.server_address[1], "/backend-api/codex/responses",
-                  {"Content-Type": "application/json", "Accept": "text/event-stream"}, b"output_item.added")
+                  {"Content-Type": "application/json", "Accept": "text/event-stream"}, b"output_item.added", fresh)
 
 
-def proxy_client(proxy):
-    return Client(proxy.port, "/v1/messages?beta=true", {"x-api-key": KEY, "Content-Type": "application/json"})
+def proxy_client(proxy, fresh=False):
+    return Client(proxy.port, "/v1/messages?beta=true", {"x-api-key": KEY, "Content-Type": "application/json"},
+                  None, fresh)
 
 
 def run_clients(make, count, per_client, body, stagger=0.0):
@@ -306,24 +312,64 @@ def percentile(values, fraction):
 # The measurements
 # ---------------------------------------------------------------------------
 
-def measure(quick):
+def claude_code_request():
+    """A real Claude Code request (55 KB) when the fixtures are beside the repository, else
+    the synthetic one of the same size."""
+    path = HERE.parent / "shared" / "fixtures" / "claude-code" / "01-p-text-request.json"
+    try:
+        return dict(json.loads(path.read_text())["body"], stream=True), "real Claude Code request"
+    except (OSError, ValueError, KeyError):
+        return request_body(), "synthetic request"
+
+
+def codex_bytes(body):
+    """What the proxy sends upstream for ``body``: the direct client sends the same."""
+    import codex_proxy
+    translated, _ = codex_proxy.translate_request(body, {}, codex_proxy.Config(), {})
+    return codex_proxy.json_bytes(translated)
+
+
+def measure_serial(results, upstream, program, quick):
+    """Added time to first byte of one request at a time, on a new client connection for every
+    request and on a kept-alive one, for a 1 KB and a 55 KB request (150 requests each)."""
+    large, kind = claude_code_request()
+    small = {"model": "claude-opus-4-8", "max_tokens": 1024, "stream": True,
+             "messages": [{"role": "user", "content": "Run the tests and tell me what failed. " * 22}]}
+    results["serial_request"] = kind
+    proxy = Proxy(upstream.base, program)
+    upstream.rate = 0
+    try:
+        for name, body in (("1k", small), ("55k", large)):
+            raw, sent = json.dumps(body).encode(), codex_bytes(body)
+            for mode, fresh in (("new", True), ("kept", False)):
+                count = 40 if quick else 150
+                run_clients(lambda: proxy_client(proxy, fresh), 1, 10, raw)   # warm up
+                direct = run_clients(lambda: direct_client(upstream, fresh), 1, count, sent)[0]
+                through = run_clients(lambda: proxy_client(proxy, fresh), 1, count, raw)[0]
+                key = "serial_%s_%s" % (name, mode)
+                results[key + "_added_p50_ms"] = round((percentile(through, 0.5) - percentile(direct, 0.5)) * 1000, 2)
+                results[key + "_proxy_p50_ms"] = round(percentile(through, 0.5) * 1000, 2)
+    finally:
+        proxy.stop()
+
+
+def measure(quick, program=PROXY):
     results = {}
     upstream = FakeUpstream()
     body = json.dumps(request_body()).encode()
     sys.path.insert(0, str(HERE))
-    import codex_proxy
-    translated, _ = codex_proxy.translate_request(request_body(), {}, codex_proxy.Config(), {})
-    codex_body = codex_proxy.json_bytes(translated)   # what the proxy sends: the upstream's work is the same
+    codex_body = codex_bytes(request_body())   # what the proxy sends: the upstream's work is the same
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
     starts = []
     for _ in range(3 if quick else 7):
-        proxy = Proxy(upstream.base)
+        proxy = Proxy(upstream.base, program)
         starts.append(proxy.start_ms)
         proxy.stop()
     results["start_ms"] = round(percentile(starts, 0.5), 1)
+    measure_serial(results, upstream, program, quick)
 
-    proxy = Proxy(upstream.base)
+    proxy = Proxy(upstream.base, program)
     try:
         # Latency, at a fast but real token rate (100 events/s: a Codex model streams 50-100
         # tokens a second), 32 streams running at once, direct and through the proxy.
@@ -352,7 +398,7 @@ def measure(quick):
         # Connections: 100 sequential turns on a fresh proxy, then 100 turns from 8 clients at once.
         upstream.rate = 0
         proxy.stop()
-        proxy = Proxy(upstream.base)
+        proxy = Proxy(upstream.base, program)
         before = upstream.connections
         run_clients(lambda: proxy_client(proxy), 1, 100, body)
         results["connections_per_100"] = upstream.connections - before
@@ -378,7 +424,7 @@ def measure(quick):
         proxy.stop()
 
     # Memory: a fresh proxy, then 1, 16 and 64 streams at once (paced, so they overlap).
-    proxy = Proxy(upstream.base)
+    proxy = Proxy(upstream.base, program)
     try:
         upstream.rate = 250
         results["rss_idle_mb"] = round(proxy.rss_mb(), 1)
@@ -403,6 +449,10 @@ def measure(quick):
 
 def report(results):
     rows = [
+        ("added first byte, 55 KB, new connection, p50", "serial_55k_new_added_p50_ms", "ms", "<="),
+        ("added first byte, 55 KB, kept-alive, p50", "serial_55k_kept_added_p50_ms", "ms", "<="),
+        ("added first byte, 1 KB, new connection, p50", "serial_1k_new_added_p50_ms", "ms", "<="),
+        ("added first byte, 1 KB, kept-alive, p50", "serial_1k_kept_added_p50_ms", "ms", "<="),
         ("added time to first byte, p50 (32 streams)", "ttfb_added_p50_ms", "ms", "<="),
         ("added time to first byte, p99 (32 streams)", "ttfb_added_p99_ms", "ms", "<="),
         ("added delay per event, p50", "event_added_ms", "ms", "<="),
@@ -429,8 +479,10 @@ def report(results):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Measure the overhead codex_proxy adds.")
     parser.add_argument("--quick", action="store_true", help="a smoke run, under 30 seconds")
+    parser.add_argument("--proxy", metavar="PATH", default=str(PROXY),
+                        help="the codex_proxy.py to measure (another copy, to compare; default: the one beside this)")
     args = parser.parse_args(argv)
-    report(measure(args.quick))
+    report(measure(args.quick, Path(args.proxy)))
     return 0
 
 
