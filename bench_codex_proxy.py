@@ -106,7 +106,9 @@ class FakeUpstream:
 
     def __init__(self):
         self.chunks = sse_chunks(turn_events())
+        self.first_item = next(n for n, (_, data) in enumerate(self.chunks) if b"output_item.added" in data)
         self.rate = 0
+        self.pause = 0.0   # seconds of silence after the first output item (so that first bytes are timed alone)
         self.connections = 0
         self.lock = threading.Lock()
         fake = self
@@ -151,6 +153,9 @@ class FakeUpstream:
         start = time.monotonic()
         try:
             for n, (stamped, data) in enumerate(self.chunks):
+                if self.pause and n == self.first_item + 1:
+                    time.sleep(self.pause)
+                    start += self.pause
                 if gap:
                     delay = start + n * gap - time.monotonic()
                     if delay > 0:
@@ -337,7 +342,9 @@ def measure_serial(results, upstream, program, quick):
              "messages": [{"role": "user", "content": "Run the tests and tell me what failed. " * 22}]}
     results["serial_request"] = kind
     proxy = Proxy(upstream.base, program)
-    upstream.rate = 0
+    # The rest of the reply waits a moment: on two cores a reply streamed at full speed keeps both
+    # busy (the upstream and the proxy) and the client would wait for a core, not for the proxy.
+    upstream.rate, upstream.pause = 0, 0.005
     try:
         for name, body in (("1k", small), ("55k", large)):
             raw, sent = json.dumps(body).encode(), codex_bytes(body)
@@ -350,6 +357,7 @@ def measure_serial(results, upstream, program, quick):
                 results[key + "_added_p50_ms"] = round((percentile(through, 0.5) - percentile(direct, 0.5)) * 1000, 2)
                 results[key + "_proxy_p50_ms"] = round(percentile(through, 0.5) * 1000, 2)
     finally:
+        upstream.pause = 0.0
         proxy.stop()
 
 

@@ -3151,9 +3151,12 @@ class CodexClient:
             headers["ChatGPT-Account-ID"] = chatgpt_account_id
         return headers
 
-    def open(self, payload, context, store=None):
+    def open(self, payload, context, store=None, estimate=None):
         """POST a turn for the login in ``store``; return a CodexStream for a 200,
-        else raise CodexFailure, UpstreamBroken, or the store's ProxyError."""
+        else raise CodexFailure, UpstreamBroken, or the store's ProxyError.
+        ``estimate()`` gives the request's input tokens: it is asked once the request
+        is sent, while the backend thinks, so that it never delays the first byte."""
+        estimate = estimate or (lambda: estimate_tokens(json.loads(payload)))
         extra = {"Content-Type": "application/json", "Accept": "text/event-stream",
                  "session-id": context.cache_key, "thread-id": context.cache_key,
                  "x-client-request-id": context.cache_key}
@@ -3162,11 +3165,11 @@ class CodexClient:
         state = self.turn_states.get(context.cache_key) if context.continues_turn else None
         if state:
             extra[TURN_STATE_HEADER] = state
-        conn, response = self._request("POST", self.base + "/responses", payload, extra, store)
+        conn, response = self._request("POST", self.base + "/responses", payload, extra, store, estimate)
         if response.status == 200:
             self._keep_turn_state(context.cache_key, response.getheader(TURN_STATE_HEADER))
             return CodexStream(self, conn, response)
-        raise self._failure(conn, response, context, lambda: estimate_tokens(json.loads(payload)))
+        raise self._failure(conn, response, context, estimate)
 
     def _keep_turn_state(self, key, state):
         """The backend's sticky-routing token for a turn, echoed (as Codex does) on
@@ -3190,9 +3193,11 @@ class CodexClient:
         self._finish(conn, response)
         return doc, response.headers
 
-    def _request(self, method, path, payload, extra, store=None):
-        """Send with the login's headers; a 401 gets one token refresh and one more try."""
-        conn, response = self._send(method, path, payload, dict(self.auth_headers(False, store), **extra))
+    def _request(self, method, path, payload, extra, store=None, while_waiting=None):
+        """Send with the login's headers; a 401 gets one token refresh and one more try.
+        ``while_waiting()`` runs once the request is sent, before the answer is read."""
+        conn, response = self._send(method, path, payload, dict(self.auth_headers(False, store), **extra),
+                                    while_waiting)
         if response.status == 401:
             drain(response)
             self._finish(conn, response)
@@ -3215,12 +3220,12 @@ class CodexClient:
         else:
             self.release(conn)
 
-    def _send(self, method, path, payload, headers):
+    def _send(self, method, path, payload, headers, while_waiting=None):
         conn = None
         try:
             conn, reused = self._acquire()
             try:
-                response = self._exchange(conn, method, path, payload, headers)
+                response = self._exchange(conn, method, path, payload, headers, while_waiting)
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 if not reused:
                     raise
@@ -3236,11 +3241,13 @@ class CodexClient:
                                  "connection or CODEX_PROXY_UPSTREAM." % (self.host, describe(exc)))
         return conn, response
 
-    def _exchange(self, conn, method, path, payload, headers):
+    def _exchange(self, conn, method, path, payload, headers, while_waiting=None):
         conn.sock.settimeout(self.config.first_byte_timeout)
         if getattr(conn, "proxy_headers", None):
             headers = dict(headers, **conn.proxy_headers)
         conn.request(method, conn.target(path), payload, headers)
+        if while_waiting is not None:
+            while_waiting()
         return conn.getresponse()
 
     def _acquire(self, fresh=False):
@@ -3416,11 +3423,13 @@ class ModelCatalog:
         self.client = client
         self.path = config.home / "models_cache.json"
         self._models = None
+        self._loaded = False   # the disk copy is read once; afterwards memory is newer
         self._fetched = 0.0
         self._refreshing = threading.Lock()
 
     def current(self):
-        if self._models is None:
+        if not self._loaded:
+            self._loaded = True
             self._load()
         if time.time() - self._fetched > self.TTL and self._refreshing.acquire(blocking=False):
             threading.Thread(target=self._refresh_quietly, daemon=True).start()
@@ -3707,6 +3716,8 @@ class Relay:
         self.thread_turn = None      # a ThreadTurn when the request is on a message thread
         self.context = None
         self.payload = None          # the Codex body as sent, bytes
+        self.codex_body = None       # the same as a dict, until the estimate is taken from it
+        self.estimate = None         # its input tokens, estimated
         self.stream = False
 
     def serve(self, body, headers):
@@ -3732,7 +3743,11 @@ class Relay:
         if note is not None:
             note.update(model=self.context.requested_model, upstream_model=self.context.model,
                         effort=codex["reasoning"]["effort"], stream=self.stream)
+        self._set_payload(codex)
+
+    def _set_payload(self, codex):
         self.payload = json_bytes(codex)
+        self.codex_body, self.estimate = codex, None
 
     def _choose_account(self, body, headers):
         """The login that serves this request (AccountPool): the conversation's own, or the freshest."""
@@ -3751,7 +3766,11 @@ class Relay:
 
     def input_estimate(self):
         """The request's input tokens, estimated (for a context error, a reply cut short, calibration)."""
-        return estimate_tokens(json.loads(self.payload))
+        if self.estimate is None:
+            self.estimate = estimate_tokens(self.codex_body if self.codex_body is not None
+                                            else json.loads(self.payload))
+            self.codex_body = None   # from now on only the bytes are kept
+        return self.estimate
 
     # -- attempts -----------------------------------------------------------
 
@@ -3821,7 +3840,8 @@ class Relay:
 
     def _open(self):
         try:
-            upstream = self.server.codex.open(self.payload, self.context, self.account.store)
+            # The estimate is taken while the backend thinks: it costs no time to the first byte.
+            upstream = self.server.codex.open(self.payload, self.context, self.account.store, self.input_estimate)
         except ProxyError as exc:   # from the token store: this login cannot be used now
             raise login_failure(exc)
         self.writer.relaying = upstream
@@ -3885,7 +3905,7 @@ class Relay:
             self.writer.log("the Codex backend refused part of a request for %s; from now on, for a day: %s. "
                             "(`python codex_proxy.py doctor` lists what was learned.)"
                             % (self.context.model, DOWNGRADES[rule]))
-        self.payload = json_bytes(codex)
+        self._set_payload(codex)
 
     def _move(self, failure):
         """The login cannot serve (exhausted, refused) for ``failure.rest`` seconds: rest it
@@ -3908,7 +3928,7 @@ class Relay:
             self.writer.note["account"] = account.name
         codex = json.loads(self.payload)
         apply_downgrade(codex, self.context, "reasoning_replay")
-        self.payload = json_bytes(codex)
+        self._set_payload(codex)
         return True
 
     # -- after a good reply: one step each ------------------------------------
