@@ -3349,6 +3349,8 @@ class CodexStream:
                 self.client.finishing(-1)
 
     def _finish(self):
+        if self.cut is not None:   # stopped from another thread meanwhile: not fit to reuse
+            return self.close()
         try:
             self.conn.sock.settimeout(1.0)
             while self.response.read1(65536):
@@ -3996,10 +3998,12 @@ class ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024   # holds a burst of a few hundred clients (the kernel may cap it lower)
+    FIRST_BYTES_WAIT = 0.002    # seconds the accept loop waits for a new connection's first bytes
 
     def __init__(self, config, handler=None):
         self.config = config
         self.lobby = Lobby(self)
+        self.workers = Workers(self.process_request_thread)
         self.connections = 0                # connections served by a thread now
         self.connections_lock = threading.Lock()
         self.accounts = AccountPool(config)
@@ -4036,8 +4040,10 @@ class ProxyServer(ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         """Called by the accept loop: a connection with bytes waiting gets its thread
-        at once; a silent one waits in the lobby, costing no thread."""
-        if readable_now(request):
+        at once; a silent one waits in the lobby, costing no thread. Clients send their
+        request right after connecting, so a moment's wait here (while the lobby is
+        nearly empty) spares the hand-off through the lobby's thread."""
+        if readable_now(request, self.FIRST_BYTES_WAIT if len(self.lobby.waiting) < 8 else 0):
             self.serve_connection(request, client_address)
         else:
             self.lobby.admit(request, client_address)
@@ -4050,7 +4056,7 @@ class ProxyServer(ThreadingHTTPServer):
                 self.connections += 1
         if admitted:
             try:
-                ThreadingHTTPServer.process_request(self, request, client_address)
+                self.workers.submit(request, client_address)
             except Exception:
                 self.connection_done()
                 raise
@@ -4070,6 +4076,7 @@ class ProxyServer(ThreadingHTTPServer):
     def server_close(self):
         ThreadingHTTPServer.server_close(self)
         self.lobby.close()
+        self.workers.close()
         if self.log_file:
             self.log_file.close()
             self.log_file = None
@@ -4129,6 +4136,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
         finally:
             self.reader.deadline = None
 
+    def parse_request(self):
+        """The request line as http.server reads it (HTTP/1.0 and 1.1 only), then the header
+        lines read strictly and quickly (read_request_headers), not by the email parser."""
+        self.command, self.request_version, self.close_connection = None, self.default_request_version, True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        try:
+            self.command, self.path, self.request_version = request_line(self.requestline)
+            self.headers = read_request_headers(self.rfile)
+        except HeaderError as exc:
+            self.send_error(exc.status, str(exc))
+            return False
+        connection = (self.headers.get("Connection") or "").lower()
+        self.close_connection = connection == "close" or (self.request_version == "HTTP/1.0"
+                                                          and connection != "keep-alive")
+        if (self.headers.get("Expect") or "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
+            return self.handle_expect_100()
+        return True
+
     # -- dispatch ---------------------------------------------------------
 
     def do_HEAD(self):
@@ -4137,6 +4162,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self._check_origin()
         except ProxyError as exc:
             return self.send_error(exc.status, exc.message)
+        self._leave_no_body()
         self.send_response(200)
         self.send_header("request-id", self.request_id)
         self.send_header("Content-Length", "0")
@@ -4161,6 +4187,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.started_at = time.monotonic()
         self.first_output_at = None
         self.status = None
+        self.body_read = False
         # Details for the request log; None (no work at all) unless someone reads it.
         config = self.server.config
         self.note = {} if (config.verbose or config.log_file) else None
@@ -4174,8 +4201,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             self._route(method, path)
         finally:
+            self._leave_no_body()
             if self.note is not None:
                 self._log_request(method, path)
+
+    def _leave_no_body(self):
+        """A request answered without reading its body (refused, 404, 405) must not leave
+        that body on the connection, where it would be read as the next request: it is
+        read and dropped (within the body limits), or the connection is closed."""
+        length = (self.headers.get("Content-Length") or "0").strip()
+        if self.body_read or self.close_connection or (length == "0" and "Transfer-Encoding" not in self.headers):
+            return
+        if "Transfer-Encoding" in self.headers or not length.isdigit() or int(length) > self.server.config.max_body:
+            self.close_connection = True
+            return
+        try:
+            self._read_body(int(length))
+        except (ProxyError, OSError):
+            self.close_connection = True
 
     def _log_request(self, method, path):
         since = lambda moment: int((moment - self.started_at) * 1000)
@@ -4277,6 +4320,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ProxyError(400, "invalid_request_error",
                              "The request body did not arrive in time (%d of %d bytes)." % (length - left, length))
+        self.body_read = True
         return b"".join(chunks)
 
     # -- routes -----------------------------------------------------------
@@ -4308,8 +4352,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def keep(self, stream, now):
         """Called by the Keeper about once a second while ``stream`` is relayed."""
-        if self.relaying is not stream:
-            return   # a stale look: that reply has ended meanwhile
+        if self.relaying is not stream or stream.settling:
+            return   # a stale look, or a complete reply handing its connection back: leave it be
         config = self.server.config
         if self.server.stopping.is_set():
             stream.abort(CodexFailure(ProxyError(529, "overloaded_error", "The proxy is shutting down; try again.")))
@@ -4472,14 +4516,133 @@ def request_log_line(record):
     return line
 
 
-def readable_now(sock):
-    """True when ``sock`` has bytes (or EOF) to read right now. poll, where there is
-    one, since select() cannot look at descriptors numbered 1024 or more."""
+def readable_now(sock, wait=0.0):
+    """True when ``sock`` has bytes (or EOF) to read now, or within ``wait`` seconds. poll,
+    where there is one, since select() cannot look at descriptors numbered 1024 or more."""
     if hasattr(select, "poll"):
         poller = select.poll()
         poller.register(sock, select.POLLIN)
-        return bool(poller.poll(0))
-    return bool(select.select([sock], [], [], 0)[0])
+        return bool(poller.poll(wait * 1000))
+    return bool(select.select([sock], [], [], wait)[0])
+
+
+class Workers:
+    """The threads that serve connections, one each; a thread whose connection ended
+    waits a while for the next one, so a new connection is handed to a thread that
+    exists instead of starting one (which costs a few hundred microseconds)."""
+
+    IDLE = 60.0   # seconds a thread without a connection waits for one
+    KEEP = 16     # threads kept waiting at most
+
+    def __init__(self, serve):
+        self.serve = serve            # serve(socket, address): the connection's whole life
+        self.lock = threading.Lock()
+        self.queue = queue.Queue()
+        self.idle = 0                 # threads waiting for a connection, less those already promised one
+
+    def submit(self, sock, address):
+        with self.lock:
+            if self.idle:
+                self.idle -= 1
+                return self.queue.put((sock, address))
+        threading.Thread(target=self._run, args=((sock, address),), name="codex-proxy-connection",
+                         daemon=True).start()
+
+    def _run(self, work):
+        while work is not None:
+            self.serve(*work)
+            with self.lock:
+                if self.idle >= self.KEEP:
+                    return
+                self.idle += 1
+            try:
+                work = self.queue.get(timeout=self.IDLE)
+            except queue.Empty:
+                with self.lock:   # a connection may have been promised to it just now
+                    try:
+                        work = self.queue.get_nowait()
+                    except queue.Empty:
+                        self.idle -= 1
+                        return
+
+    def close(self):
+        """Let the waiting threads go."""
+        with self.lock:
+            waiting, self.idle = self.idle, 0
+        for _ in range(waiting):
+            self.queue.put(None)
+
+
+class HeaderError(Exception):
+    def __init__(self, status, message):
+        Exception.__init__(self, message)
+        self.status = status
+
+
+class RequestHeaders:
+    """A request's header lines: ``get`` by any case (the first line of a name wins),
+    ``items`` in order. What the handler reads of http.client's HTTPMessage."""
+
+    def __init__(self, pairs):
+        self.pairs = pairs
+        self.names = {}
+        for name, value in pairs:
+            self.names.setdefault(name.lower(), value)
+
+    def get(self, name, default=None):
+        return self.names.get(name.lower(), default)
+
+    def __getitem__(self, name):
+        return self.names.get(name.lower())
+
+    def __contains__(self, name):
+        return name.lower() in self.names
+
+    def items(self):
+        return list(self.pairs)
+
+
+# name ":" optional spaces, a value of visible bytes, spaces and tabs (RFC 9110/9112): no folded
+# lines, no space before the colon, no control bytes (a lone CR would start a header of its own).
+HEADER_LINE_RE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[^\x00-\x1f\x7f]|\t)*?)[ \t]*\Z")
+MAX_HEADER_LINE = 65536
+MAX_HEADERS = 100
+
+
+def request_line(line):
+    """-> (method, path, version) of an HTTP/1.0 or 1.1 request line, else HeaderError."""
+    words = line.split()
+    if len(words) != 3 or words[2] not in ("HTTP/1.0", "HTTP/1.1"):
+        raise HeaderError(505 if len(words) == 3 and words[2].startswith("HTTP/") else 400,
+                          "Bad request line %r: send an HTTP/1.1 request." % line[:100])
+    path = "/" + words[1].lstrip("/") if words[1].startswith("//") else words[1]
+    return words[0], path, words[2]
+
+
+def read_request_headers(rfile):
+    """The header lines up to the blank line -> RequestHeaders; anything a smuggler or a
+    confused client could send two ways (folding, control bytes, two Hosts, two different
+    Content-Lengths) is refused with HeaderError (the connection is then closed)."""
+    pairs = []
+    while True:
+        line = rfile.readline(MAX_HEADER_LINE + 1)
+        if len(line) > MAX_HEADER_LINE:
+            raise HeaderError(431, "A header line is longer than %d bytes; send shorter headers." % MAX_HEADER_LINE)
+        if line in (b"\r\n", b"\n", b""):
+            break
+        if len(pairs) >= MAX_HEADERS:
+            raise HeaderError(431, "More than %d header lines; send fewer headers." % MAX_HEADERS)
+        match = HEADER_LINE_RE.match(line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n"))
+        if match is None:
+            raise HeaderError(400, "Header line %d is malformed (%r): send one name: value per line, without "
+                              "control characters or folding." % (len(pairs) + 1, line[:60]))
+        pairs.append((match.group(1).decode("ascii"), match.group(2).decode("iso-8859-1")))
+    names = [name.lower() for name, _ in pairs]
+    lengths = {value.strip() for name, value in pairs if name.lower() == "content-length"}
+    if names.count("host") > 1 or len(lengths) > 1:
+        raise HeaderError(400, "The request has two %s headers; send one." % (
+            "Host" if names.count("host") > 1 else "different Content-Length"))
+    return RequestHeaders(pairs)
 
 
 class DeadlineReader(socket.SocketIO):
