@@ -3819,7 +3819,7 @@ class Relay:
         upstream = None
         try:
             upstream = self._open()
-            events = self._relay_events(upstream, translator)
+            finished = self._relay_events(upstream, translator)
         except UpstreamBroken as exc:
             failure = codex_failure("stream_broken", str(exc))
         except CodexFailure as exc:
@@ -3830,7 +3830,7 @@ class Relay:
                 upstream.close()
             raise ClientGone()
         else:
-            return self._answer(upstream, translator, events)
+            return self._answer(upstream, translator, finished)
         finally:
             if upstream is not None:
                 self.writer.relaying = None
@@ -3853,19 +3853,18 @@ class Relay:
     def _relay_events(self, upstream, translator):
         """Feed the upstream's events through the reducer and write what comes out.
         Streaming, the 200 is held until the upstream produced output, so failures at
-        the start are real HTTP errors. -> the Anthropic events, when they are needed
-        after the reply (non-streaming: all of them; streaming: for a thread only)."""
+        the start are real HTTP errors. -> the FinishedTurn."""
         writer, stream = self.writer, self.stream
-        held = []
-        record = [] if stream and self.thread_turn else None
+        held, finished = [], None
+        record = [] if stream and self.thread_turn else None   # the reply, for the thread store
         for event in upstream.events():
             out = translator.feed(event)
             if record is not None:
                 record.extend(out)
             if writer.first_output_at is None and translator.has_output:
                 writer.first_output_at = time.monotonic()
-            if translator.finished and not translator.cut_short:
-                upstream.settle()   # before message_stop reaches the client
+            if translator.finished:   # before message_stop reaches the client
+                finished = self._complete(upstream, translator, record if stream else held + out)
             if stream and (writer.sse_started or translator.has_output):
                 if not writer.sse_started:
                     writer.start_sse(unified_ratelimit_headers(quota_from_headers(upstream.headers)))
@@ -3878,23 +3877,30 @@ class Relay:
                 break
         if not translator.finished:
             raise UpstreamBroken("The Codex backend ended the stream before the reply was complete.")
-        return record if stream else held
+        return finished
 
-    def _answer(self, upstream, translator, events):
+    def _complete(self, upstream, translator, events):
+        """The reply is complete, its end not yet with the client: the steps run now, so
+        that the client's next request finds what they keep (its thread, hidden reasoning,
+        the count), and a next turn waits for this upstream connection (settle)."""
+        if not translator.cut_short:
+            upstream.settle()
+        finished = FinishedTurn(translator, upstream.headers, None, events)
+        for step in self.AFTER_REPLY:
+            getattr(self, step)(finished)
+        return finished
+
+    def _answer(self, upstream, translator, finished):
         if translator.cut_short:
             upstream.abort()   # a stop sequence or max_tokens matched: the rest is not wanted
             upstream.close()
         else:
             upstream.finish()
-        message = None
         if self.stream:
             self.writer.end_sse()
         else:
-            message = fold_message(events)
-            self.writer.send_json(200, message, unified_ratelimit_headers(quota_from_headers(upstream.headers)))
-        finished = FinishedTurn(translator, upstream.headers, message, events)
-        for step in self.AFTER_REPLY:
-            getattr(self, step)(finished)
+            self.writer.send_json(200, finished.message(),
+                                  unified_ratelimit_headers(quota_from_headers(upstream.headers)))
 
     def _downgrade(self, rule, learn):
         """Send the turn again with one refused part downgraded; the rule is kept for the model."""

@@ -4576,7 +4576,7 @@ class TestShutdownAndLogs(unittest.TestCase):
                 conn.getresponse().read()
                 conn.close()
             process.send_signal(__import__("signal").SIGINT)
-            _, err = process.communicate(timeout=15)
+            _, err = process.communicate(timeout=60)
             for secret in (PROXY_KEY, ACCESS_TOKEN, "private prompt words", "secret answer text"):
                 self.assertNotIn(secret, err, (flags, secret))
             if flags:
@@ -4911,7 +4911,7 @@ class TestRequestLog(CliCase):
             conn.getresponse().read()
             conn.close()
         process.send_signal(__import__("signal").SIGINT)
-        _, err = process.communicate(timeout=15)
+        _, err = process.communicate(timeout=60)
         lines = [l for l in err.splitlines() if "/v1/messages" in l]
         self.assertEqual(len(lines), 3, err)
         self.assertRegex(lines[0], r"^\d\d:\d\d:\d\d POST /v1/messages 200 claude-opus-4-8 -> gpt-5\.5 \(medium\) stream "
