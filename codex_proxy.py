@@ -4916,6 +4916,7 @@ def cmd_start(args):
     def stop(signum, frame):
         raise KeyboardInterrupt()
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)   # also when started from a shell that had it ignored (`... &`)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
