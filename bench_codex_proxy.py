@@ -198,9 +198,15 @@ class Proxy:
         socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
         self.start_ms = (time.monotonic() - started) * 1000
 
-    def pin(self, cpu):
+    def pin(self, cpus):
+        """Run every thread of the proxy on ``cpus`` (affinity is per thread on Linux: the
+        threads that already exist are each set, later ones inherit it)."""
         if hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(self.process.pid, {cpu})
+            for task in Path("/proc/%d/task" % self.process.pid).iterdir():
+                try:
+                    os.sched_setaffinity(int(task.name), cpus)
+                except OSError:
+                    pass   # a thread that ended meanwhile
 
     def cpu_seconds(self):
         fields = Path("/proc/%d/stat" % self.process.pid).read_text().rsplit(")", 1)[1].split()
@@ -416,7 +422,7 @@ def measure(quick, program=PROXY):
 
         # Throughput on one core: the proxy pinned to one CPU, everything else on the others.
         if cpus >= 2:
-            proxy.pin(0)
+            proxy.pin({0})
             os.sched_setaffinity(0, set(range(1, cpus)))
         cpu_before = proxy.cpu_seconds()
         turns, _, _, seconds = run_clients(lambda: proxy_client(proxy), 8, 4 if quick else 25, body)
@@ -427,7 +433,7 @@ def measure(quick, program=PROXY):
         results["proxy_cpu_share"] = round(cpu / seconds, 2)
         if cpus >= 2:
             os.sched_setaffinity(0, set(range(cpus)))
-            os.sched_setaffinity(proxy.process.pid, set(range(cpus)))
+            proxy.pin(set(range(cpus)))
     finally:
         proxy.stop()
 

@@ -4363,7 +4363,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         config = self.server.config
         if self.server.stopping.is_set():
             stream.abort(CodexFailure(ProxyError(529, "overloaded_error", "The proxy is shutting down; try again.")))
-        elif self._client_gone():
+        elif client_left(self.connection):
             stream.abort(ClientGone())
         elif now - stream.last_event >= config.idle_timeout:
             stream.abort(UpstreamBroken(idle_message(config.idle_timeout)))
@@ -4374,13 +4374,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         self._send_event(PING_EVENT)
                     except OSError:
                         stream.abort(ClientGone())
-
-    def _client_gone(self):
-        """True once the client closed its end (readable, with nothing to read)."""
-        try:
-            return readable_now(self.connection) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):   # ValueError: the socket is already closed
-            return True
 
     # -- writing ----------------------------------------------------------
 
@@ -4577,6 +4570,14 @@ class Workers:
             waiting, self.idle = self.idle, 0
         for _ in range(waiting):
             self.queue.put(None)
+
+
+def client_left(sock):
+    """True once the client closed its end of ``sock`` (readable, with nothing to read)."""
+    try:
+        return readable_now(sock) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):   # ValueError: the socket is already closed
+        return True
 
 
 class HeaderError(Exception):
