@@ -3623,9 +3623,10 @@ def upstream_failure(error, context, estimate=None):
 
 
 def login_failure(error):
-    """The token store could not give a login (refused refresh, gone): the client is
-    told ``error``, and the login rests like a refused one."""
-    return CodexFailure(error, "login_refused", False, CODEX_FAILURES["login_refused"][4])
+    """The token store could not give a login: the client is told ``error``; a login that
+    was refused or is gone (401) rests like one the backend refused, anything else does not."""
+    rest = CODEX_FAILURES["login_refused"][4] if error.status == 401 else None
+    return CodexFailure(error, "login_refused" if rest else None, False, rest)
 
 
 def retry_in_seconds(message):

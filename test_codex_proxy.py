@@ -3684,6 +3684,8 @@ class TestRecoveryTable(unittest.TestCase):
         for kind in ("usage_limit_reached", "insufficient_quota", "usage_not_included", "login_refused"):
             self.assertEqual(self.decide(self.failure(kind)), ("move", None), kind)
         self.assertEqual(self.decide(cp.login_failure(cp.not_logged_in())), ("move", None))
+        stuck_lock = cp.ProxyError(500, "api_error", "Another program has held the lock file for 120 s.")
+        self.assertEqual(self.decide(cp.login_failure(stuck_lock)), ("answer", None), "not the login's fault")
 
     def test_a_retryable_failure_is_retried_with_a_doubling_backoff(self):
         for kind in ("failed", "stream_broken", "server_error"):
