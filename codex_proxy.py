@@ -256,6 +256,15 @@ def describe(exc):
     return text if len(text) < 200 else text[:200] + "..."
 
 
+def exists(path):
+    """Path.exists, False also where the path cannot be looked at (an unreadable folder,
+    made by `sudo codex login`): that is then the same as no file."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def lru_put(table, key, value, limit):
     """``table[key] = value`` in an OrderedDict, as its newest entry; the oldest go beyond ``limit``."""
     table[key] = value
@@ -546,7 +555,7 @@ class TokenStore:
         if self.fixed_path is not None:
             return self.fixed_path
         own = self.config.tokens_path
-        if own.exists() or not self.config.codex_auth_path.exists():
+        if exists(own) or not exists(self.config.codex_auth_path):
             return own
         return self.config.codex_auth_path
 
@@ -612,6 +621,12 @@ class TokenStore:
                 mode = stat_mode(path)
                 write_private_file(path, json.dumps(doc, indent=2) + "\n", mode)
                 return tokens
+
+
+def token_store_error(store, exc):
+    """The error for a login file or its lock that cannot be read or written."""
+    return ProxyError(500, "api_error", "Cannot use the login file %s or its lock (%s). Check that the folder "
+                      "is yours and writable (ls -la %s)." % (store.path, describe(exc), store.path.parent))
 
 
 def not_logged_in():
@@ -995,10 +1010,10 @@ class AccountPool:
             return
         self._looked = now
         try:
-            seen = (self.folder.stat().st_mtime_ns, self.config.tokens_path.exists(),
-                    self.config.codex_auth_path.exists())
+            folder = self.folder.stat().st_mtime_ns
         except OSError:
-            seen = (None, self.config.tokens_path.exists(), self.config.codex_auth_path.exists())
+            folder = None
+        seen = (folder, exists(self.config.tokens_path), exists(self.config.codex_auth_path))
         if seen == self._seen:
             return
         with self.lock:
@@ -1191,6 +1206,7 @@ class UsageLedger:
     def __init__(self, config):
         self.path = config.home / "usage.jsonl"
         self.lock = threading.Lock()
+        self.checked = False   # the last line looked at, before this process's first record
 
     def record(self, model, account_name, counted):
         """``counted``: the turn's usage, as Anthropic counts it (anthropic_usage)."""
@@ -1200,6 +1216,9 @@ class UsageLedger:
         with self.lock:
             try:
                 self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                if not self.checked:   # a crash may have cut the last line: never glue a record to it
+                    self.checked = True
+                    line = ("\n" if self._cut_short() else "") + line
                 fd = os.open(str(self.path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 try:
                     os.write(fd, (line + "\n").encode("utf-8"))
@@ -1207,6 +1226,18 @@ class UsageLedger:
                     os.close(fd)
             except OSError:
                 pass   # a full disk must not fail the reply that was already sent
+
+    def _cut_short(self):
+        """True when the ledger's last line has no end (the process writing it died)."""
+        try:
+            with open(str(self.path), "rb") as f:
+                f.seek(0, os.SEEK_END)
+                if not f.tell():
+                    return False
+                f.seek(-1, os.SEEK_END)
+                return f.read(1) != b"\n"
+        except OSError:
+            return False
 
     def totals(self, days=None):
         """{(day, model): [requests, input, cached, output]}, days in UTC, newest last."""
@@ -2163,7 +2194,7 @@ def metadata_session(metadata):
         doc = json.loads(user_id)
         if isinstance(doc, dict) and isinstance(doc.get("session_id"), str) and doc["session_id"]:
             return doc["session_id"]
-    except ValueError:
+    except ValueError:   # absurd nesting raises RecursionError: a 400 (ProxyHandler._route)
         pass
     match = re.search(r"_session_([0-9a-fA-F-]{8,})", user_id)
     return match.group(1) if match else None
@@ -3847,6 +3878,8 @@ class Relay:
             upstream = self.server.codex.open(self.payload, self.context, self.account.store, self.input_estimate)
         except ProxyError as exc:   # from the token store: this login cannot be used now
             raise login_failure(exc)
+        except OSError as exc:      # the token store's files (the backend's failures are UpstreamBroken)
+            raise login_failure(token_store_error(self.account.store, exc))
         self.writer.relaying = upstream
         self.server.keeper.watch(self.writer, upstream)
         return upstream
@@ -4257,6 +4290,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.reply_error(exc)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except RecursionError:   # parsed, but too deep to translate or write again
+            self.reply_error(invalid_request("The request body is nested too deeply; send at most a few "
+                                             "hundred levels of arrays and objects."))
         except Exception as exc:   # a bug must not kill the thread or leave the client waiting
             self.log_error("internal error on %s %s: %s", method, path, describe(exc))
             self.reply_error(ProxyError(500, "api_error", "Internal proxy error: %s" % describe(exc)))

@@ -4233,6 +4233,60 @@ class TestOneRequestPerRequest(ProxyCase):
         self.assertTrue(received.startswith(b"HTTP/1.1 200"), received[:200])
 
 
+class TestBrokenStateAndOddBodies(ProxyCase):
+    """Bad input and broken files of its own get an answer, never a dropped connection or a 500."""
+
+    settings = {"retries": 0}
+
+    def deep_body(self, depth):
+        """A tool call whose input is ``depth`` objects deep, as raw JSON (json.dumps cannot write it)."""
+        deep = '{"a":' * depth + '"leaf"' + '}' * depth
+        return ('{"model":"claude-opus-4-8","max_tokens":1024,"tools":[%s],"messages":[{"role":"user","content":'
+                '"go"},{"role":"assistant","content":[{"type":"tool_use","id":"toolu_1","name":"Bash","input":%s}]},'
+                '{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_1","content":"ok"}]}]}'
+                % (json.dumps(BASH_TOOL), deep)).encode()
+
+    def test_a_body_nested_1000_deep_gets_400_and_nothing_deep_gets_a_500(self):
+        self.fake.default = self.fake.turn().text("ok").completed()
+        statuses = {depth: self.post(None, raw=self.deep_body(depth)) for depth in (900, 970, 975, 980, 1000, 5000)}
+        for depth, answer in statuses.items():
+            self.assertIn(answer.status, (200, 400), (depth, answer.body[:200]))
+        for depth in (1000, 5000):
+            self.assertEqual(statuses[depth].json()["error"]["type"], "invalid_request_error", depth)
+        self.assertEqual(self.proxy.crashes, 0)
+
+    def test_a_deeply_nested_metadata_user_id_gets_400(self):
+        answer = self.post(dict(BASIC, metadata={"user_id": "[" * 100000}))
+        self.assertEqual(answer.status, 400, answer.body[:300])
+        self.assertIn("nested too deeply", answer.json()["error"]["message"])
+
+    def test_a_login_file_whose_lock_cannot_be_made_gets_an_answer(self):
+        write_tokens(self.home / "tokens.json", access=expired_access())
+        self.addCleanup(write_tokens, self.home / "tokens.json")
+        lock = Path(str(self.home / "tokens.json") + ".lock")
+        if lock.exists():
+            lock.unlink()
+        lock.mkdir()   # os.open on it fails, as on a read-only folder (root can write anywhere)
+        self.addCleanup(lock.rmdir)
+        answer = self.post(BASIC)
+        self.assertEqual(answer.status, 500, answer.body[:300])
+        self.assertIn("Cannot use the login file %s or its lock" % (self.home / "tokens.json"),
+                      answer.json()["error"]["message"])
+        self.assertEqual(self.fake.requests, [])
+
+    def test_the_ledger_after_a_cut_short_line_keeps_both_records(self):
+        home = Path(tempfile.mkdtemp(prefix="codex-proxy-ledger-"))
+        self.addCleanup(shutil.rmtree, str(home), True)
+        config = make_config(home, self.fake.url)
+        counted = {"input_tokens": 10, "cache_read_input_tokens": 5, "output_tokens": 3}
+        cp.UsageLedger(config).record("gpt-5.5", "default", counted)
+        with open(str(home / "usage.jsonl"), "a") as ledger:
+            ledger.write('{"time": 17, "model": "gpt-5')   # the process writing it was killed here
+        cp.UsageLedger(config).record("gpt-5.5", "default", counted)
+        totals = cp.UsageLedger(config).totals()
+        self.assertEqual([row[0] for row in totals.values()], [2], "both whole records are counted")
+
+
 def select_ready(sock, timeout=0.0):
     import select
     return bool(select.select([sock], [], [], timeout)[0])
