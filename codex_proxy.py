@@ -1107,9 +1107,23 @@ def load_quota(config):
     except (OSError, ValueError):
         return {}
     if isinstance(doc, dict) and isinstance(doc.get("windows"), dict):
-        return {DEFAULT_ACCOUNT: doc}   # written by a version with one account
-    return {k: v for k, v in doc.items() if isinstance(v, dict) and isinstance(v.get("windows"), dict)} \
-        if isinstance(doc, dict) else {}
+        doc = {DEFAULT_ACCOUNT: doc}   # written by a version with one account
+    quotas = {k: valid_quota(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
+    return {k: v for k, v in quotas.items() if v}
+
+
+def valid_quota(quota):
+    """A saved record of usage windows in the shape the proxy writes, or None (a file edited by
+    hand, or cut short): a bad one is dropped, and the next reply's headers bring it back."""
+    windows = quota.get("windows") if isinstance(quota, dict) else None
+    if not isinstance(windows, dict):
+        return None
+    number = lambda v: v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+    whole = lambda v: int(v) if number(v) is not None else None
+    kept = {str(name): {"used_percent": float(w["used_percent"]), "window_minutes": whole(w.get("window_minutes")),
+                        "resets_at": whole(w.get("resets_at"))}
+            for name, w in windows.items() if isinstance(w, dict) and number(w.get("used_percent")) is not None}
+    return dict(quota, windows=kept) if kept else None
 
 
 def save_quota(config, quotas):
@@ -1565,8 +1579,8 @@ def model_profile(model, catalog):
     """-> (reasoning efforts, uses Responses Lite, context window) for a model slug."""
     entry = (catalog or {}).get(model)
     if isinstance(entry, dict):
-        levels = [level.get("effort") for level in entry.get("supported_reasoning_levels") or []
-                  if isinstance(level, dict)]
+        levels = entry.get("supported_reasoning_levels")
+        levels = [level.get("effort") for level in levels if isinstance(level, dict)] if isinstance(levels, list) else []
         efforts = tuple(e for e in EFFORT_LADDER if e in levels) or CLASSIC_EFFORTS
         window = entry.get("context_window")
         return efforts, entry.get("use_responses_lite") is True, window if isinstance(window, int) else None
@@ -3488,11 +3502,13 @@ class ModelCatalog:
             self._refreshing.release()
 
     def _load(self):
+        """The disk copy, where it holds what refresh() writes; a bad one is as none, and rebuilt."""
         try:
             doc = json.loads(self.path.read_text(encoding="utf-8"))
-            self._models = {m["slug"]: m for m in doc["models"]}
-            self._fetched = float(doc["fetched_at"])
-        except (OSError, ValueError, KeyError, TypeError):
+            self._models = {m["slug"]: m for m in doc["models"] if isinstance(m, dict) and isinstance(m.get("slug"), str)}
+            fetched = float(doc["fetched_at"])
+            self._fetched = fetched if math.isfinite(fetched) and fetched <= time.time() else 0.0   # else: stale now
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self._models = None
 
 

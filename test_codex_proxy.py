@@ -4287,6 +4287,63 @@ class TestBrokenStateAndOddBodies(ProxyCase):
         self.assertEqual([row[0] for row in totals.values()], [2], "both whole records are counted")
 
 
+# The proxy's own caches, corrupted the ways a crash, an old version or a hand edit leave them:
+# (file, content). Each must be ignored (and rebuilt), never crash a request, `start` or `status`.
+BROKEN_CACHES = [
+    ("models_cache.json", {"fetched_at": 1, "models": [{"slug": 5}, {"slug": "gpt-5.5"}]}),
+    ("models_cache.json", {"fetched_at": 1, "models": [{"slug": "gpt-5.5", "supported_reasoning_levels": 5}]}),
+    ("models_cache.json", {"fetched_at": 9e18, "models": []}),
+    ("models_cache.json", {"fetched_at": "NaN", "models": [{"slug": "gpt-5.5"}]}),
+    ("models_cache.json", {"fetched_at": 1, "models": "all of them"}),
+    ("models_cache.json", ["not", "an", "object"]),
+    ("quota.json", {"default": {"windows": {"primary": {"used_percent": "45"}}}}),
+    ("quota.json", {"default": {"windows": {"primary": "full"}}}),
+    ("quota.json", {"windows": {"primary": {"used_percent": 45, "window_minutes": "300", "resets_at": "soon"}}}),
+    ("quota.json", "quota"),
+]
+
+
+class TestBrokenCaches(unittest.TestCase):
+    """A cache file of the proxy's own with wrong inner types is ignored and rebuilt: every
+    request, `start`'s banner and `status` go on."""
+
+    def test_catalog_entries_of_the_wrong_shape_are_read_as_unknown(self):
+        for entry in ({"supported_reasoning_levels": 5}, {"supported_reasoning_levels": [5, "x"]},
+                      {"context_window": "big"}):
+            self.assertEqual(cp.model_profile("gpt-5.5", {"gpt-5.5": entry})[:1], (cp.CLASSIC_EFFORTS,), entry)
+
+    def test_each_broken_cache_is_ignored(self):
+        fake = FakeCodex().start()
+        self.addCleanup(fake.stop)
+        fake.default = fake.turn().text("ok").completed()
+        for name, content in BROKEN_CACHES:
+            with self.subTest(file=name, content=content):
+                home = Path(tempfile.mkdtemp(prefix="codex-proxy-cache-"))
+                self.addCleanup(shutil.rmtree, str(home), True)
+                write_tokens(home / "tokens.json")
+                (home / name).write_text(json.dumps(content).replace('"NaN"', "NaN"))
+                asked = len(fake.gets)
+                config = make_config(home, fake.url)
+                proxy = cp.ProxyServer(config)
+                threading.Thread(target=proxy.serve_forever, daemon=True).start()
+                try:
+                    self.assertTrue(cp.start_banner(proxy))
+                    conn = http.client.HTTPConnection("127.0.0.1", proxy.server_address[1], timeout=30)
+                    conn.request("POST", "/v1/messages", json.dumps(BASIC),
+                                 {"x-api-key": PROXY_KEY, "Content-Type": "application/json"})
+                    self.assertEqual(conn.getresponse().status, 200)
+                    conn.close()
+                    status = cp.login_status(config)
+                    self.assertTrue(status["logged_in"])
+                    cp.describe_quota(status["quota"])
+                    if name == "models_cache.json":   # never trusted as fresh: asked for again at once
+                        wait_until(lambda: len(fake.gets) > asked, what="a catalog fetch")
+                finally:
+                    proxy.shutdown()
+                    proxy.server_close()
+                    proxy.codex.close_idle()
+
+
 def select_ready(sock, timeout=0.0):
     import select
     return bool(select.select([sock], [], [], timeout)[0])
