@@ -156,19 +156,42 @@ class Config:
         return self.codex_home / "auth.json"
 
     def proxy_key(self):
-        """The key clients must present: the configured one, else a stored random one."""
+        """The key clients must present: the configured one, else a stored random one.
+        A key no client could send, or a key file that cannot be read or made, stops
+        the program with one sentence (SystemExit)."""
         if self.api_key:
-            return self.api_key
+            return checked_key(self.api_key, "CODEX_PROXY_API_KEY", "set it to one line of letters and digits")
         path = self.home / "api-key"
         try:
-            key = path.read_text(encoding="utf-8").strip()
-            if key:
-                return key
-        except FileNotFoundError:
-            pass
+            data = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):   # none yet (or no home to hold one: said below)
+            data = b""
+        except OSError as exc:
+            raise SystemExit("Cannot read the proxy key in %s (%s). Remove it, and a new key is made." % (
+                path, describe(exc)))
+        if data.strip():
+            try:
+                text = data.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                text = None
+            return checked_key(text, str(path), "remove the file, and a new key is made")
         key = "cxp-" + secrets.token_urlsafe(32)
-        write_private_file(path, key + "\n")
+        try:
+            write_private_file(path, key + "\n")
+        except OSError as exc:
+            raise SystemExit("Cannot save a proxy key in %s (%s). Make CODEX_PROXY_HOME a folder you can "
+                             "write, or set CODEX_PROXY_API_KEY." % (path, describe(exc)))
         return key
+
+
+KEY_RE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,4094}[\x21-\x7e])?\Z")   # what a header line can carry
+
+
+def checked_key(key, where, fix):
+    if not isinstance(key, str) or not KEY_RE.match(key):
+        raise SystemExit("The proxy key in %s is not one that clients can send (up to 4,096 printable "
+                         "characters, no line breaks); %s." % (where, fix))
+    return key
 
 
 def env_int(name, default):

@@ -4303,6 +4303,60 @@ BROKEN_CACHES = [
 ]
 
 
+class TestProxyKeyFile(unittest.TestCase):
+    """A key file that cannot be read or made, or holds a key no client can send, stops
+    `start` with one sentence that names the file, never a traceback or a word about the port."""
+
+    def start(self, prepare):
+        root = Path(tempfile.mkdtemp(prefix="codex-proxy-key-"))
+        self.addCleanup(shutil.rmtree, str(root), True)
+        home = prepare(root)
+        env = dict(os.environ, CODEX_PROXY_HOME=str(home), CODEX_HOME=str(root / "codex"))
+        env.pop("CODEX_PROXY_API_KEY", None)
+        result = subprocess.run([sys.executable, str(HERE / "codex_proxy.py"), "start", "--port", "0"], env=env,
+                                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        return result, home
+
+    def key_file(self, content):
+        def prepare(root):
+            (root / "home").mkdir(mode=0o700)
+            if content is None:
+                (root / "home" / "api-key").mkdir()
+            else:
+                (root / "home" / "api-key").write_bytes(content)
+            return root / "home"
+        return prepare
+
+    def test_each_bad_key_file_gets_its_sentence(self):
+        cases = [(b"\xff\xfe not utf-8\n", "is not one that clients can send"),
+                 (b"two\nlines-of-key\n", "is not one that clients can send"),
+                 (b"k" * (1 << 20), "is not one that clients can send"),
+                 (None, "Cannot read the proxy key in")]
+        for content, sentence in cases:
+            with self.subTest(content=content[:20] if content else content):
+                result, home = self.start(self.key_file(content))
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertIn(sentence, result.stderr)
+                self.assertIn(str(home / "api-key"), result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+                self.assertNotIn("Cannot listen", result.stderr)
+                self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+
+    def test_a_home_where_no_key_can_be_made_is_named(self):
+        def prepare(root):
+            (root / "a-file").write_text("not a folder")
+            return root / "a-file" / "home"   # as a read-only home: the key cannot be written
+        result, home = self.start(prepare)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("Cannot save a proxy key in %s" % (home / "api-key"), result.stderr)
+        self.assertNotIn("Cannot listen", result.stderr)
+
+    def test_a_configured_key_with_a_line_break_is_refused(self):
+        with self.assertRaises(SystemExit) as caught:
+            cp.Config(api_key="good-part\nInjected: header").proxy_key()
+        self.assertIn("CODEX_PROXY_API_KEY", str(caught.exception))
+
+
 class TestBrokenCaches(unittest.TestCase):
     """A cache file of the proxy's own with wrong inner types is ignored and rebuilt: every
     request, `start`'s banner and `status` go on."""
