@@ -232,6 +232,22 @@ def write_private_file(path, text, mode=0o600):
         except OSError:
             pass
         raise
+    remove_leftovers(path)
+
+
+def remove_leftovers(path, age=60.0):
+    """Temporary copies of ``path`` left by a process killed while writing it (token data, for
+    a login file): removed once they are older than any write still going on could be."""
+    for stale in path.parent.glob(".%s.*.tmp" % glob_escape(path.name)):
+        try:
+            if time.time() - stale.stat().st_mtime > age:
+                stale.unlink()
+        except OSError:
+            pass
+
+
+def glob_escape(name):
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def replace_file(source, target):
@@ -2966,6 +2982,8 @@ class ResponseTranslator:
 
     def _cut(self, item):
         """End the message at max_tokens; the relay then stops reading the upstream."""
+        if item.block == "thinking":   # every thinking block ends with its signature; a cut one has none
+            self._delta(item, {"type": "signature_delta", "signature": ""})
         self._close(item)
         self.cut_short = True
         self._message_end("max_tokens", None, None)

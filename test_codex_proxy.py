@@ -4357,6 +4357,31 @@ class TestProxyKeyFile(unittest.TestCase):
         self.assertIn("CODEX_PROXY_API_KEY", str(caught.exception))
 
 
+class TestWhatACrashLeaves(unittest.TestCase):
+    """What a process killed at the wrong moment leaves behind is cleaned up or closed properly."""
+
+    def test_temporary_token_copies_left_by_a_killed_write_are_removed(self):
+        home = Path(tempfile.mkdtemp(prefix="codex-proxy-tmp-"))
+        self.addCleanup(shutil.rmtree, str(home), True)
+        old = home / ".tokens.json.dead0001.tmp"
+        old.write_text('{"tokens": {"refresh_token": "rt-secret"}}')
+        os.utime(str(old), (time.time() - 3600, time.time() - 3600))
+        fresh = home / ".tokens.json.busy0002.tmp"   # another process is writing right now
+        fresh.write_text("{}")
+        write_tokens(home / "tokens.json")
+        self.assertFalse(old.exists(), "an hour-old copy with token data is gone")
+        self.assertTrue(fresh.exists(), "a copy another process may still be writing stays")
+
+    def test_a_thinking_block_cut_by_max_tokens_still_ends_with_a_signature(self):
+        context = cp.RequestContext("claude-opus-4-8", "gpt-5.5", {}, True, [], "key")
+        context.max_tokens = 3
+        turn = Turn(None, "gpt-5.5").reasoning(["a long line of thought " * 5]).text("never shown")
+        out, message = translate_events(self, turn.completed(), context)
+        thinking = [e for e in out if e["type"] == "content_block_delta" and e["index"] == 0]
+        self.assertEqual(thinking[-1]["delta"], {"type": "signature_delta", "signature": ""})
+        self.assertEqual((message["stop_reason"], message["content"][0]["signature"]), ("max_tokens", ""))
+
+
 class TestBrokenCaches(unittest.TestCase):
     """A cache file of the proxy's own with wrong inner types is ignored and rebuilt: every
     request, `start`'s banner and `status` go on."""
