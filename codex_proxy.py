@@ -238,16 +238,14 @@ def write_private_file(path, text, mode=0o600):
 def remove_leftovers(path, age=60.0):
     """Temporary copies of ``path`` left by a process killed while writing it (token data, for
     a login file): removed once they are older than any write still going on could be."""
-    for stale in path.parent.glob(".%s.*.tmp" % glob_escape(path.name)):
+    import glob
+    for stale in path.parent.glob(".%s.*.tmp" % glob.escape(path.name)):
         try:
             if time.time() - stale.stat().st_mtime > age:
                 stale.unlink()
         except OSError:
             pass
 
-
-def glob_escape(name):
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def replace_file(source, target):
