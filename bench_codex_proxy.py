@@ -13,6 +13,7 @@ one JSON line with every number.
 """
 
 import argparse
+import base64
 import http.client
 import json
 import os
@@ -34,7 +35,8 @@ KEY = "bench-" + secrets.token_hex(16)
 RATE = 100   # upstream events per second per stream in the latency runs
 TARGETS = {"serial_55k_new_added_p50_ms": 1.7, "serial_55k_kept_added_p50_ms": 1.0,
            "serial_1k_new_added_p50_ms": 0.9, "serial_1k_kept_added_p50_ms": 0.9, "ttfb_added_p50_ms": 2.0, "ttfb_added_p99_ms": 10.0, "event_added_ms": 1.0,
-           "events_per_core_second": 20000, "rss_64_mb": 40.0, "connections_per_100": 1, "start_ms": 150.0}
+           "events_per_core_second": 20000, "rss_64_mb": 40.0, "connections_per_100": 1, "start_ms": 150.0,
+           "rss_after_large_added_mb": 20.0}
 
 
 # ---------------------------------------------------------------------------
@@ -172,6 +174,14 @@ class FakeUpstream:
 # The proxy, as a real process
 # ---------------------------------------------------------------------------
 
+def large_body():
+    """A request with a 5 MB image (base64), as Claude Code sends a screenshot or a scan."""
+    data = base64.b64encode(os.urandom(5 * 1024 * 1024 * 3 // 4)).decode("ascii")
+    return {"model": "claude-opus-4-8", "max_tokens": 1024, "stream": True, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
+        {"type": "text", "text": "What is in this picture?"}]}]}
+
+
 def request_body():
     """A request the size of Claude Code's (about 50 KB: a long system prompt and a dozen tools)."""
     schema = {"type": "object", "properties": {"p%d" % n: {"type": "string", "description": "x" * 80}
@@ -215,6 +225,17 @@ class Proxy:
     def rss_mb(self):
         status = Path("/proc/%d/status" % self.process.pid).read_text()
         return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024.0
+
+    def settled_rss_mb(self):
+        """RSS once it stops changing (the last reply's memory is given back just after it is sent)."""
+        last, deadline = self.rss_mb(), time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = self.rss_mb()
+            if now == last:
+                break
+            last = now
+        return last
 
     def stop(self):
         self.process.terminate()
@@ -457,8 +478,23 @@ def measure(quick, program=PROXY):
             results["rss_%d_mb" % streams] = round(max(peak), 1)
     finally:
         proxy.stop()
+    measure_large_bodies(results, upstream, program, quick)
     results["machine"] = "%d CPU, %s, Python %s" % (os.cpu_count(), sys.platform, sys.version.split()[0])
     return results
+
+
+def measure_large_bodies(results, upstream, program, quick):
+    """RSS of a fresh proxy, idle and once 100 requests with a 5 MB body (4 clients at once) are done."""
+    upstream.rate = 0
+    proxy = Proxy(upstream.base, program)
+    try:
+        body = json.dumps(large_body()).encode()
+        idle = proxy.rss_mb()
+        run_clients(lambda: proxy_client(proxy), 4, 5 if quick else 25, body)
+        results["rss_after_large_mb"] = round(proxy.settled_rss_mb(), 1)
+        results["rss_after_large_added_mb"] = round(results["rss_after_large_mb"] - idle, 1)
+    finally:
+        proxy.stop()
 
 
 def report(results):
@@ -472,6 +508,7 @@ def report(results):
         ("added delay per event, p50", "event_added_ms", "ms", "<="),
         ("upstream events per proxy CPU-second", "events_per_core_second", "/s", ">="),
         ("peak RSS, 64 concurrent streams", "rss_64_mb", "MB", "<="),
+        ("RSS added after 100 requests of 5 MB", "rss_after_large_added_mb", "MB", "<="),
         ("upstream connections per 100 sequential turns", "connections_per_100", "", "<="),
         ("start to listening", "start_ms", "ms", "<="),
     ]

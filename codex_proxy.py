@@ -27,7 +27,7 @@ Requests served
     POST /v1/messages[?beta=true]          streaming and non-streaming
     POST /v1/messages/count_tokens         local estimate, calibrated per conversation
     GET  /v1/models, /v1/models/{id}       the account's models and the claude-* aliases
-    GET  /health                           {"ok", "version", "logged_in"}
+    GET  /health                           {"ok", "version", "logged_in", "login_problems"}
     HEAD any path                          200, empty (Claude Code preconnects)
 
 Every /v1 request must carry the proxy key as ``x-api-key`` or
@@ -293,6 +293,65 @@ def describe(exc):
     return text if len(text) < 200 else text[:200] + "..."
 
 
+def warn(text):
+    """A line for whoever watches the proxy's terminal (callers never pass a token)."""
+    sys.stderr.write("%s %s\n" % (time.strftime("%H:%M:%S"), text))
+
+
+_unsaved_state = set()   # state files whose last write failed (said once, until one works)
+
+
+def save_state_file(path, text, lost):
+    """Write one of the proxy's own state files (caches, usage). When the disk refuses,
+    say once what is ``lost`` and how to fix it; the reply being served goes on. -> saved?"""
+    try:
+        write_private_file(path, text)
+    except OSError as exc:
+        state_not_saved(path, exc, lost)
+        return False
+    _unsaved_state.discard(path)
+    return True
+
+
+def state_not_saved(path, exc, lost):
+    if path not in _unsaved_state:
+        _unsaved_state.add(path)
+        warn("Cannot save %s (%s): %s. Free some space or make %s writable." % (path, describe(exc), lost, path.parent))
+
+
+class Memory:
+    """Giving memory back after a large request body (an image, a PDF). glibc keeps freed
+    heap memory for reuse, in one arena per thread, so a few large bodies would leave the
+    process hundreds of MB bigger for good. From the first large body on, large blocks come
+    from mmap (returned to the system when freed), and after each large request malloc_trim
+    hands back the rest. Where there is no glibc this does nothing."""
+
+    LARGE = 1 << 20          # a body this big makes the request a large one
+    MMAP_THRESHOLD = 256 << 10
+    _libc = None             # False: the platform has no malloc_trim
+
+    @classmethod
+    def libc(cls):
+        if cls._libc is None:
+            cls._libc = False
+            if sys.platform.startswith("linux"):
+                try:
+                    import ctypes   # only once a large body comes: keeps start-up lean
+                    libc = ctypes.CDLL(None)
+                    libc.mallopt(-3, cls.MMAP_THRESHOLD)   # M_MMAP_THRESHOLD; also stops it from growing
+                    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+                    cls._libc = libc
+                except (ImportError, OSError, AttributeError):
+                    pass
+        return cls._libc
+
+    @classmethod
+    def give_back(cls):
+        libc = cls.libc()
+        if libc:
+            libc.malloc_trim(0)
+
+
 def exists(path):
     """Path.exists, False also where the path cannot be looked at (an unreadable folder,
     made by `sudo codex login`): that is then the same as no file."""
@@ -481,22 +540,52 @@ def account_info(tokens):
     return info
 
 
-def chatgpt_tokens(doc):
-    """The tokens object of an auth document that holds a ChatGPT login, else None."""
-    tokens = doc.get("tokens") if isinstance(doc, dict) else None
-    if not isinstance(tokens, dict) or not isinstance(tokens.get("access_token"), str) or not tokens["access_token"]:
-        return None
-    if doc.get("auth_mode") not in (None, "chatgpt", "chatgptAuthTokens"):
-        return None
-    return tokens
+def login_fault(doc):
+    """What keeps a parsed login file from being a ChatGPT login (None: nothing)."""
+    if not isinstance(doc, dict):
+        return "holds JSON that is not an object"
+    tokens = doc.get("tokens")
+    if doc.get("auth_mode") not in (None, "chatgpt", "chatgptAuthTokens") or (doc.get("OPENAI_API_KEY") and not tokens):
+        return "holds an API-key login, not a ChatGPT one"
+    if not isinstance(tokens, dict):
+        return "has no \"tokens\" object"
+    if not isinstance(tokens.get("access_token"), str) or not tokens["access_token"]:
+        return "has no access token (tokens.access_token is missing or not text)"
+    if not isinstance(tokens.get("refresh_token"), (str, type(None))):
+        return "has a refresh token that is not text"
+    return None
+
+
+def read_login_file(path):
+    """(document, None) when ``path`` holds a ChatGPT login; (None, what is wrong with
+    it) when it does not; (None, None) when there is no such file."""
+    try:
+        raw = Path(path).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None, None
+    except IsADirectoryError:
+        return None, "is a folder, not a file"
+    except PermissionError:
+        return None, "cannot be read by this user (permission denied)"
+    except OSError as exc:
+        return None, "cannot be read (%s)" % describe(exc)
+    if not raw.strip():
+        return None, "is empty"
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "is not text"
+    except RecursionError:
+        return None, "is nested too deeply to be a login"
+    except ValueError as exc:
+        cut = getattr(exc, "pos", 0) >= len(raw.rstrip()) or getattr(exc, "msg", "").startswith("Unterminated")
+        return None, "is not valid JSON (%s)" % ("it ends too early" if cut else "line %d" % getattr(exc, "lineno", 0))
+    fault = login_fault(doc)
+    return (None, fault) if fault else (doc, None)
 
 
 def read_auth_file(path):
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return doc if chatgpt_tokens(doc) else None
+    return read_login_file(path)[0]
 
 
 class FileLock:
@@ -573,17 +662,23 @@ class TokenStore:
     The proxy's own ``tokens.json`` wins; without it, Codex's ``auth.json``
     is used in place. Refresh tokens are single-use, so a refresh happens
     under a file lock, after re-reading the file, and only if the token on
-    disk is still the stale one; the result is written back atomically.
+    disk is still the stale one; the result is written back atomically (in
+    place, when the file cannot be replaced: a single bind-mounted file). A
+    refresh whose result cannot be written is kept in memory and served from
+    there, and the write is tried again; a refresh that could not be saved at
+    all (a read-only folder and file) is not started.
     """
 
     REFRESH_WINDOW = 300   # refresh when the access token expires within 5 minutes
+    SAVE_RETRY = 30.0      # seconds between attempts to write a refreshed login that could not be
 
     def __init__(self, config, path=None):
         self.config = config
         self.fixed_path = path               # one account's own file; None: tokens.json, else Codex's
         self._lock = threading.Lock()        # one refresh at a time in this process
-        self._cache = (None, None, None)     # (path, mtime, document)
+        self._cache = (None, None, None, None)   # (path, mtime, document, fault)
         self._dead = None                    # (path, mtime, message) of a refresh that can never work
+        self.unsaved = None                  # UnsavedLogin: refreshed, not yet written
 
     @property
     def path(self):
@@ -601,23 +696,46 @@ class TokenStore:
         return self.path == self.config.codex_auth_path
 
     def load(self):
-        """The auth document in use, or None when not logged in."""
+        """The auth document in use, or None when not logged in (``fault`` says why, if
+        there is a file)."""
+        return self.examine()[0]
+
+    @property
+    def fault(self):
+        """One sentence naming the login file and what is wrong with it, or None."""
+        fault = self.examine()[1]
+        return broken_login_sentence(self.config, self.path, fault) if fault else None
+
+    def examine(self):
+        """(document, None), or (None, what is wrong with the file), or (None, None)."""
         path = self.path
         try:
             mtime = path.stat().st_mtime_ns
         except OSError:
-            return None
-        cached_path, cached_mtime, doc = self._cache
+            mtime = None
+        cached_path, cached_mtime, doc, fault = self._cache
         if (cached_path, cached_mtime) != (path, mtime):
-            doc = read_auth_file(path)
-            self._cache = (path, mtime, doc)
+            doc, fault = read_login_file(path) if mtime is not None else (None, None)
+            self._cache = (path, mtime, doc, fault)
+        return self._newest(path, doc), fault
+
+    def _newest(self, path, doc):
+        """The refreshed login kept in memory while the file still holds the one it replaced."""
+        unsaved = self.unsaved
+        if unsaved is None or doc is None:
+            return doc
+        if unsaved.path == path and doc["tokens"].get("refresh_token") == unsaved.spent:
+            return unsaved.doc
+        self.unsaved = None   # the file changed since (another program logged in or refreshed)
         return doc
 
     def credentials(self, force_refresh=False):
         """(access_token, ChatGPT account id) for the backend, refreshed when due."""
-        doc = self.load()
+        doc, fault = self.examine()
         if doc is None:
-            raise not_logged_in()
+            raise ProxyError(401, "authentication_error", self.fault) if fault else not_logged_in()
+        if self.unsaved is not None and time.monotonic() >= self.unsaved.next_try:
+            self._save_again()
         tokens = doc["tokens"]
         access = tokens["access_token"]
         expiry = token_expiry(access)
@@ -634,10 +752,17 @@ class TokenStore:
         """Refresh unless someone else already did; return the current tokens."""
         with self._lock:
             path = self.path
+            cannot = cannot_store(path)
+            if cannot:   # the new tokens could not be kept: do not spend the refresh token
+                raise ProxyError(500, "api_error", "The login in %s needs a refresh, but %s, so a refreshed login could "
+                                 "not be saved and the proxy did not start one. Make it writable and try again."
+                                 % (path, cannot))
             with FileLock(path):
-                doc = read_auth_file(path)
-                if doc is None:
-                    raise not_logged_in()
+                on_disk, fault = read_login_file(path)
+                if on_disk is None:
+                    raise ProxyError(401, "authentication_error", broken_login_sentence(self.config, path, fault)) \
+                        if fault else not_logged_in()
+                doc = self._newest(path, on_disk)
                 tokens = doc["tokens"]
                 expiry = token_expiry(tokens["access_token"])
                 if tokens["access_token"] != stale_access and (expiry is None or expiry - time.time() > 60):
@@ -651,13 +776,99 @@ class TokenStore:
                     if exc.permanent:
                         self._dead = (path, mtime, str(exc))
                     raise ProxyError(401, "authentication_error", str(exc))
+                doc = json.loads(json.dumps(doc))   # the cached document stays as the file has it
+                tokens = doc["tokens"]
                 tokens.update({k: v for k, v in fresh.items()
                                if k in ("id_token", "access_token", "refresh_token") and isinstance(v, str) and v})
                 tokens["account_id"] = account_info(tokens)["account_id"]
                 doc["last_refresh"] = utc_now()
-                mode = stat_mode(path)
-                write_private_file(path, json.dumps(doc, indent=2) + "\n", mode)
+                self._keep(path, doc, on_disk["tokens"].get("refresh_token"))
                 return tokens
+
+    def _keep(self, path, doc, spent):
+        """Write the refreshed ``doc``; when that fails, serve it from memory until it can be."""
+        try:
+            save_login_file(path, doc, self.config)
+            self.unsaved = None
+        except OSError as exc:
+            first = self.unsaved is None
+            self.unsaved = UnsavedLogin(path, spent, doc, describe(exc), time.monotonic() + self.SAVE_RETRY)
+            if first:
+                warn("Refreshed the login in %s but cannot write it (%s); serving it from memory and trying again "
+                     "every %d s. Free some space or make the file writable, or the login is lost when the proxy "
+                     "stops." % (path, describe(exc), self.SAVE_RETRY))
+
+    def _save_again(self):
+        """A later attempt at writing the refreshed login kept in memory."""
+        unsaved = self.unsaved
+        try:
+            with self._lock, FileLock(unsaved.path):
+                on_disk = read_login_file(unsaved.path)[0]
+                if self._newest(unsaved.path, on_disk) is unsaved.doc:
+                    save_login_file(unsaved.path, unsaved.doc, self.config)
+                    self.unsaved = None
+                    warn("Wrote the refreshed login to %s at last." % unsaved.path)
+        except OSError as exc:
+            if self.unsaved is unsaved:
+                self.unsaved = unsaved._replace(reason=describe(exc), next_try=time.monotonic() + self.SAVE_RETRY)
+
+
+UnsavedLogin = collections.namedtuple("UnsavedLogin", "path spent doc reason next_try")
+
+
+def cannot_store(path):
+    """Why nothing could be written to ``path`` (a read-only folder and file), or None."""
+    if os.access(str(path.parent), os.W_OK | os.X_OK) or os.access(str(path), os.W_OK):
+        return None
+    return "neither the file nor its folder %s can be written" % path.parent
+
+
+def save_login_file(path, doc, config):
+    """Write a login file: atomically, at 0600 for the proxy's own files (Codex's keeps its
+    mode); in place when it cannot be replaced (a bind-mounted file: EBUSY)."""
+    text = json.dumps(doc, indent=2) + "\n"
+    mode = stat_mode(path) if path == config.codex_auth_path else 0o600
+    try:
+        write_private_file(path, text, mode)
+    except OSError:
+        if not os.access(str(path), os.W_OK):
+            raise
+        write_in_place(path, text)
+
+
+def write_in_place(path, text):
+    """Overwrite the file itself, for when it cannot be replaced by rename."""
+    data = text.encode("utf-8")
+    fd = os.open(str(path), os.O_WRONLY)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def broken_login_sentence(config, path, fault):
+    """The one sentence for a login file that holds no usable login: what is wrong, and the fix."""
+    if path == config.codex_auth_path:
+        return ("The Codex CLI's login file %s %s. Run `python codex_proxy.py login` to sign in with ChatGPT here "
+                "(the proxy then keeps its own login and leaves that file as it is)." % (path, fault))
+    return "The login file %s %s. Repair it, or run `%s` to replace it." % (path, fault, login_command(config, path))
+
+
+def unsaved_sentence(unsaved):
+    return ("The login file %s is out of date: the proxy refreshed the login but cannot write it (%s), and keeps "
+            "it in memory until it can. Free some space or make the file writable before the proxy stops."
+            % (unsaved.path, unsaved.reason))
+
+
+def login_command(config, path):
+    """The command that makes a new login in ``path``'s place."""
+    if path.parent == config.home / "accounts":
+        return "python codex_proxy.py login --account " + path.stem
+    return "python codex_proxy.py login"
 
 
 def token_store_error(store, exc):
@@ -1028,13 +1239,43 @@ class AccountPool:
         conversation's (the model catalog, the usage windows)."""
         account = self.first()
         if account is None:
-            raise not_logged_in()
+            raise self.no_login_error()
         return account.store.credentials(force_refresh)
 
     def accounts(self):
         """The accounts that hold a login now, default first."""
         self._discover()
         return [a for a in self._accounts.values() if a.store.load() is not None]
+
+    def listing(self):
+        """[(account, None, or the sentence for its broken file)] for every login file there
+        is, default first (the Codex CLI's, when it only joins as a second login, is listed
+        only when it holds one: it is not the proxy's to judge)."""
+        self._discover()
+        listed = []
+        for account in list(self._accounts.values()):
+            doc, fault = account.store.examine()
+            if doc is not None or (fault and account.name != "codex"):
+                listed.append((account, account.store.fault if doc is None else None))
+        return listed
+
+    def broken(self):
+        """[(account, sentence)] for the login files that are there but hold no usable login."""
+        return [(account, sentence) for account, sentence in self.listing() if sentence]
+
+    def no_login_error(self):
+        """The 401 when no login can serve: naming a broken login file if there is one."""
+        broken = self.broken()
+        return ProxyError(401, "authentication_error", broken[0][1]) if broken else not_logged_in()
+
+    def problems(self):
+        """One sentence per login that is broken, or refreshed but not yet written."""
+        sentences = [sentence for _, sentence in self.broken()]
+        for account in self.accounts():
+            unsaved = account.store.unsaved
+            if unsaved is not None:
+                sentences.append(unsaved_sentence(unsaved))
+        return sentences
 
     def get(self, name):
         self._discover()
@@ -1141,7 +1382,7 @@ def load_quota(config):
     """The last usage windows of each account, by name (CODEX_PROXY_HOME/quota.json)."""
     try:
         doc = json.loads((config.home / "quota.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     if isinstance(doc, dict) and isinstance(doc.get("windows"), dict):
         doc = {DEFAULT_ACCOUNT: doc}   # written by a version with one account
@@ -1164,10 +1405,8 @@ def valid_quota(quota):
 
 
 def save_quota(config, quotas):
-    try:
-        write_private_file(config.home / "quota.json", json.dumps(quotas))
-    except OSError:
-        pass
+    save_state_file(config.home / "quota.json", json.dumps(quotas),
+                    "`status` shows usage windows only while the proxy runs")
 
 
 def usage_limit_headers(seconds):
@@ -1275,8 +1514,9 @@ class UsageLedger:
                     os.write(fd, (line + "\n").encode("utf-8"))
                 finally:
                     os.close(fd)
-            except OSError:
-                pass   # a full disk must not fail the reply that was already sent
+                _unsaved_state.discard(self.path)
+            except OSError as exc:   # a full disk must not fail the reply that was already sent
+                state_not_saved(self.path, exc, "`usage` misses the turns from now on")
 
     def _cut_short(self):
         """True when the ledger's last line has no end (the process writing it died)."""
@@ -1295,7 +1535,7 @@ class UsageLedger:
         since = time.time() - days * 86400 if days else 0
         totals = collections.OrderedDict()
         try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
+            lines = self.path.read_bytes().decode("utf-8", "replace").splitlines()
         except OSError:
             return totals
         for line in lines:
@@ -1304,11 +1544,12 @@ class UsageLedger:
                 if entry["time"] < since:
                     continue
                 key = (time.strftime("%Y-%m-%d", time.gmtime(entry["time"])), str(entry["model"]))
-                row = totals.setdefault(key, [0, 0, 0, 0])
-                for n, value in enumerate((1, entry["input"], entry["cached"], entry["output"])):
-                    row[n] += int(value)
-            except (ValueError, KeyError, TypeError):
-                continue   # a line cut short by a crash
+                counts = [int(entry[name]) for name in ("input", "cached", "output")]
+            except (ValueError, KeyError, TypeError, OverflowError, OSError, RecursionError):
+                continue   # a line cut short by a crash, or not one the proxy wrote
+            row = totals.setdefault(key, [0, 0, 0, 0])
+            for n, value in enumerate([1] + counts):
+                row[n] += value
         return collections.OrderedDict(sorted(totals.items()))
 
 
@@ -1316,13 +1557,13 @@ def login_status(config):
     """What ``status`` reports, for every account; never a token. The top level
     describes the default account, as before there were several."""
     pool = AccountPool(config)
-    accounts = [account_status(a) for a in pool.accounts()]
+    accounts = [account_status(a, broken) for a, broken in pool.listing()]
     status = dict(accounts[0]) if accounts else account_status(pool.default)
     status["accounts"] = accounts
     return status
 
 
-def account_status(account):
+def account_status(account, broken=None):
     store = account.store
     doc = store.load()
     tokens = doc["tokens"] if doc else {}
@@ -1340,7 +1581,26 @@ def account_status(account):
         "access_token_expired": expired,
         "last_refresh": doc.get("last_refresh") if doc else None,
         "quota": account.quota,
+        "broken": broken,
+        "warnings": login_file_warnings(store) if doc else [],
     }
+
+
+def login_file_warnings(store):
+    """Sentences about a login file that works but is at risk: readable by others, a refresh
+    that could not be saved, one that was not."""
+    warnings = []
+    path = store.path
+    mode = stat_mode(path)
+    if not WINDOWS and mode & 0o077:
+        warnings.append("The login file %s can be read by other users of this machine (mode %04o); run "
+                        "`chmod 600 %s`." % (path, mode, path))
+    cannot = cannot_store(path)
+    if cannot:
+        warnings.append("The login in %s cannot be refreshed when it expires: %s. Make it writable." % (path, cannot))
+    if store.unsaved is not None:
+        warnings.append(unsaved_sentence(store.unsaved))
+    return warnings
 
 
 def describe_quota(quota):
@@ -2606,9 +2866,10 @@ class LearnedDowngrades:
     def __init__(self, config):
         self.path = config.home / "downgrades.json"
         self.lock = threading.Lock()
+        self.saved = True   # the last rule learned is on disk (else it lasts until the proxy stops)
         try:
             doc = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             doc = {}
         self.rules = {model: {rule: until for rule, until in rules.items()
                               if rule in DOWNGRADES and isinstance(until, (int, float))}
@@ -2628,10 +2889,8 @@ class LearnedDowngrades:
             new = rules.get(rule, 0) <= time.time()
             rules[rule] = int(time.time() + self.TTL)
             self.rules = dict(self.rules, **{model: rules})
-            try:
-                write_private_file(self.path, json.dumps(self.rules, indent=1, sort_keys=True))
-            except OSError:
-                pass
+            self.saved = save_state_file(self.path, json.dumps(self.rules, indent=1, sort_keys=True),
+                                         "what the backend refused is learned again after a restart")
         return new
 
     def active(self):
@@ -3526,10 +3785,8 @@ class ModelCatalog:
         doc, _ = self.client.get_json(self.client.base + "/models?client_version=" + CODEX_CLIENT_VERSION)
         models = {m["slug"]: m for m in doc.get("models") or [] if isinstance(m, dict) and isinstance(m.get("slug"), str)}
         self._models, self._fetched = models, time.time()
-        try:
-            write_private_file(self.path, json.dumps({"fetched_at": int(self._fetched), "models": list(models.values())}))
-        except OSError:
-            pass
+        save_state_file(self.path, json.dumps({"fetched_at": int(self._fetched), "models": list(models.values())}),
+                        "the model list is fetched again at each start")
         return models
 
     def _refresh_quietly(self):
@@ -3547,7 +3804,7 @@ class ModelCatalog:
             self._models = {m["slug"]: m for m in doc["models"] if isinstance(m, dict) and isinstance(m.get("slug"), str)}
             fetched = float(doc["fetched_at"])
             self._fetched = fetched if math.isfinite(fetched) and fetched <= time.time() else 0.0   # else: stale now
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             self._models = None
 
 
@@ -3848,7 +4105,7 @@ class Relay:
             return None
         account = pool.choose(key)
         if account is None:
-            raise pool.exhausted_error() if pool.accounts() else not_logged_in()
+            raise pool.exhausted_error() if pool.accounts() else pool.no_login_error()
         if self.writer.note is not None:
             self.writer.note["account"] = account.name
         return account
@@ -3999,9 +4256,10 @@ class Relay:
         if note is not None:
             note.setdefault("downgraded", []).append(rule)
         if learn and self.server.downgrades.learn(self.context.model, rule):
-            self.writer.log("the Codex backend refused part of a request for %s; from now on, for a day: %s. "
+            self.writer.log("the Codex backend refused part of a request for %s; from now on, %s: %s. "
                             "(`python codex_proxy.py doctor` lists what was learned.)"
-                            % (self.context.model, DOWNGRADES[rule]))
+                            % (self.context.model, "for a day" if self.server.downgrades.saved else
+                               "until the proxy stops (it could not be saved)", DOWNGRADES[rule]))
         self._set_payload(codex)
 
     def _move(self, failure):
@@ -4206,6 +4464,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     sys_version = ""
     request_id = None
     relaying = None   # the CodexStream being relayed now, for the Keeper
+    large_body = False
 
     def setup(self):
         BaseHTTPRequestHandler.setup(self)
@@ -4230,6 +4489,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             self.reader.deadline = None
+            if self.large_body:   # the reply is out: now the memory it needed goes back
+                self.large_body = False
+                Memory.give_back()
 
     def parse_request(self):
         """The request line as http.server reads it (HTTP/1.0 and 1.1 only), then the header
@@ -4327,8 +4589,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             self._check_origin()
             if path == "/health" and method == "GET":
-                return self.send_json(200, {"ok": True, "version": __version__,
-                                             "logged_in": self.server.accounts.first() is not None})
+                accounts = self.server.accounts
+                return self.send_json(200, {"ok": True, "version": __version__, "logged_in": accounts.first() is not None,
+                                            "login_problems": accounts.problems()})
             routes = {"/v1/messages": ("POST", self.handle_messages),
                       "/v1/messages/count_tokens": ("POST", self.handle_count_tokens),
                       "/v1/models": ("GET", self.handle_models)}
@@ -4394,6 +4657,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ProxyError(413, "request_too_large",
                              "The request body is larger than %d MiB (CODEX_PROXY_MAX_BODY_MB)." % (limit // 1048576))
+        if length >= Memory.LARGE:
+            Memory.libc()
+            self.large_body = True
         data = self._read_body(length)
         try:
             return json.loads(data)
@@ -4401,25 +4667,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise invalid_request("The request body is not valid JSON: %s" % describe(exc))
 
     def _read_body(self, length):
-        """Read the body within client_timeout in total, not per packet: a trickle is cut too."""
+        """Read the body within client_timeout in total, not per packet: a trickle is cut too.
+        Into one buffer of its size: a large body is held once, not twice."""
         deadline = time.monotonic() + self.server.config.client_timeout
-        chunks, left = [], length
+        body = bytearray(length)
+        view, got = memoryview(body), 0
         try:
-            while left:
+            while got < length:
                 self.connection.settimeout(max(deadline - time.monotonic(), 0.001))
-                chunk = self.rfile.read1(min(left, 1 << 20))
-                if not chunk:
+                n = self.rfile.readinto1(view[got:])
+                if not n:
                     break
-                chunks.append(chunk)
-                left -= len(chunk)
+                got += n
         except socket.timeout:
             pass
-        if left:
+        finally:
+            view.release()
+        if got < length:
             self.close_connection = True
             raise ProxyError(400, "invalid_request_error",
-                             "The request body did not arrive in time (%d of %d bytes)." % (length - left, length))
+                             "The request body did not arrive in time (%d of %d bytes)." % (got, length))
         self.body_read = True
-        return b"".join(chunks)
+        return body
 
     # -- routes -----------------------------------------------------------
 
@@ -5045,14 +5314,18 @@ def start_banner(server):
 
 
 def login_lines(pool):
-    """One line per login the pool holds ([] when there is none)."""
+    """One line per login file the pool finds, then its warnings ([] when there is none)."""
     lines = []
-    for account in pool.accounts():
+    for account, broken in pool.listing():
+        named = "ChatGPT account%s: " % ("" if account.name == DEFAULT_ACCOUNT else " " + account.name)
+        if broken:
+            lines.append(named + "not usable. " + broken)
+            continue
         info = account_info(account.store.load()["tokens"])
-        lines.append("ChatGPT account%s: %s (%s plan), login from %s%s" % (
-            "" if account.name == DEFAULT_ACCOUNT else " " + account.name, info["email"] or "unknown",
-            info["plan"] or "unknown", account.store.path,
+        lines.append(named + "%s (%s plan), login from %s%s" % (
+            info["email"] or "unknown", info["plan"] or "unknown", account.store.path,
             ", shared with the Codex CLI" if account.store.shared_with_codex else ""))
+        lines += ["  Warning: " + line for line in login_file_warnings(account.store)]
     return lines
 
 
@@ -5124,9 +5397,15 @@ def cmd_status(args):
     if not status["accounts"]:
         print("Not logged in. Run `python codex_proxy.py login`.")
         return 1
+    running = running_proxy_problems(config)
     for n, entry in enumerate(status["accounts"]):
         if len(status["accounts"]) > 1:
             print("%sAccount %s:" % ("\n" if n else "", entry["account"]))
+        if entry["broken"]:
+            print("Broken: " + entry["broken"])
+            continue
+        for line in entry["warnings"] + [p for p in running if entry["token_file"] and entry["token_file"] in p]:
+            print("Warning: " + line)
         print("Logged in as %s (%s plan), account %s" % (entry["email"] or "unknown",
                                                           entry["plan"] or "unknown", entry["account_id"] or "unknown"))
         print("Token file: %s%s" % (entry["token_file"], " (shared with the Codex CLI)" if entry["shared_with_codex"] else ""))
@@ -5139,6 +5418,20 @@ def cmd_status(args):
         for line in describe_quota(entry["quota"]) or ["Usage windows: not known yet (add --live to ask)."]:
             print(line)
     return 0 if all(entry["usable"] for entry in status["accounts"]) else 1
+
+
+def running_proxy_problems(config):
+    """What a proxy running on the configured port says about its logins ([] when none runs):
+    a refreshed login it could not write lives only in that process."""
+    try:
+        conn = http.client.HTTPConnection(urlsplit(proxy_url(config.host, config.port)).hostname, config.port, timeout=1)
+        conn.request("GET", "/health")
+        doc = json.loads(conn.getresponse().read())
+        conn.close()
+    except (OSError, http.client.HTTPException, ValueError):
+        return []
+    problems = doc.get("login_problems") if isinstance(doc, dict) else None
+    return [p for p in problems if isinstance(p, str)] if isinstance(problems, list) else []
 
 
 def cmd_usage(args):
@@ -5267,8 +5560,11 @@ def cmd_claude(args):
     if found:
         url, key = found
     else:
-        if AccountPool(config).first() is None:
-            sys.stderr.write("Not logged in to ChatGPT. Run `python codex_proxy.py login` first.\n")
+        pool = AccountPool(config)
+        if pool.first() is None:
+            broken = pool.broken()
+            sys.stderr.write((broken[0][1] if broken else "Not logged in to ChatGPT. Run `python codex_proxy.py "
+                              "login` first.") + "\n")
             return 1
         config.host, config.port = "127.0.0.1", 0
         server = ProxyServer(config)
@@ -5317,7 +5613,10 @@ class Doctor:
     def run(self):
         config = self.config
         self.check(sys.version_info >= (3, 9), "Python %s" % platform.python_version(), "use Python 3.9 or newer")
-        account = AccountPool(config).first()
+        pool = AccountPool(config)
+        for _, sentence in pool.broken():
+            self.check(False, sentence)
+        account = pool.first()
         store = account.store if account else TokenStore(config)
         if not self.check(account is not None, "ChatGPT login in %s%s" % (store.path, "" if account.name ==
                           DEFAULT_ACCOUNT else " (account %s)" % account.name) if account else "No ChatGPT login "
@@ -5330,11 +5629,21 @@ class Doctor:
         else:
             mode = stat_mode(store.path)
             self.check(not mode & 0o077, "token file mode %04o" % mode, "chmod 600 %s" % store.path)
+        cannot = cannot_store(store.path)
+        self.check(not cannot, "the login can be refreshed and saved" if not cannot else
+                   "the login cannot be refreshed when it expires: %s" % cannot, "make %s writable" % store.path)
+        home = config.home if exists(config.home) else config.home.parent
+        writable = os.access(str(home), os.W_OK | os.X_OK)
+        self.check(writable, "%s is writable (usage, quota, model list, learned downgrades)" % config.home if writable
+                   else "%s cannot be written: usage, quota, the model list and learned downgrades are not kept"
+                   % config.home, "make %s writable, or set CODEX_PROXY_HOME to a folder you can write" % config.home)
         try:
             store.credentials()
             expiry = token_expiry(store.load()["tokens"]["access_token"])
             self.check(True, "access token valid%s" % (
                 " until " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expiry)) if expiry else ""))
+            if store.unsaved is not None:
+                self.check(False, unsaved_sentence(store.unsaved))
         except ProxyError as exc:
             self.check(False, exc.message, "run `python codex_proxy.py login`")
             return self.failures
