@@ -4667,26 +4667,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise invalid_request("The request body is not valid JSON: %s" % describe(exc))
 
     def _read_body(self, length):
-        """Read the body within client_timeout in total, not per packet: a trickle is cut too.
-        Into one buffer of its size: a large body is held once, not twice."""
-        deadline = time.monotonic() + self.server.config.client_timeout
-        body = bytearray(length)
-        view, got = memoryview(body), 0
-        try:
-            while got < length:
-                self.connection.settimeout(max(deadline - time.monotonic(), 0.001))
-                n = self.rfile.readinto1(view[got:])
-                if not n:
-                    break
-                got += n
-        except socket.timeout:
-            pass
-        finally:
-            view.release()
-        if got < length:
+        """Read the body within client_timeout in total, not per packet: a trickle is cut too."""
+        body = read_exactly(self.rfile, self.connection, length, self.server.config.client_timeout)
+        if len(body) < length:
             self.close_connection = True
             raise ProxyError(400, "invalid_request_error",
-                             "The request body did not arrive in time (%d of %d bytes)." % (got, length))
+                             "The request body did not arrive in time (%d of %d bytes)." % (len(body), length))
         self.body_read = True
         return body
 
@@ -5011,6 +4997,26 @@ def read_request_headers(rfile):
         raise HeaderError(400, "The request has two %s headers; send one." % (
             "Host" if names.count("host") > 1 else "different Content-Length"))
     return RequestHeaders(pairs)
+
+
+def read_exactly(rfile, sock, length, seconds):
+    """``length`` bytes from ``rfile`` within ``seconds`` in all (fewer when they did not come
+    in time), into one buffer of that size: a large body is held once, not twice."""
+    deadline = time.monotonic() + seconds
+    body = bytearray(length)
+    view, got = memoryview(body), 0
+    try:
+        while got < length:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            n = rfile.readinto1(view[got:])
+            if not n:
+                break
+            got += n
+    except socket.timeout:
+        pass
+    finally:
+        view.release()
+    return body if got == length else body[:got]
 
 
 class DeadlineReader(socket.SocketIO):
