@@ -677,19 +677,30 @@ class TokenStore:
         self.fixed_path = path               # one account's own file; None: tokens.json, else Codex's
         self._lock = threading.Lock()        # one refresh at a time in this process
         self._cache = (None, None, None, None)   # (path, mtime, document, fault)
+        self._files = (None, None, [])           # (home, Codex home, [(login file, its name)] in order)
         self._dead = None                    # (path, mtime, message) of a refresh that can never work
         self.unsaved = None                  # UnsavedLogin: refreshed, not yet written
 
     @property
     def path(self):
         """The token file in use: the proxy's own, else Codex's (``load`` then checks that it
-        holds a ChatGPT login). Two stats, no parsing: this runs on every request."""
-        if self.fixed_path is not None:
-            return self.fixed_path
-        own = self.config.tokens_path
-        if exists(own) or not exists(self.config.codex_auth_path):
-            return own
-        return self.config.codex_auth_path
+        holds a ChatGPT login)."""
+        return self._current()[0]
+
+    def _current(self):
+        """(the token file in use, its mtime or None): one stat when it is the proxy's own, no
+        parsing, for this runs several times a request."""
+        config = self.config
+        if self._files[0] is not config.home or self._files[1] is not config.codex_home:
+            own = [config.tokens_path] if self.fixed_path is None else [self.fixed_path]
+            files = own + ([config.codex_auth_path] if self.fixed_path is None else [])
+            self._files = (config.home, config.codex_home, [(path, str(path)) for path in files])
+        for path, name in self._files[2]:
+            try:
+                return path, os.stat(name).st_mtime_ns
+            except (OSError, ValueError):   # none there (or not one that can be looked at)
+                continue
+        return self._files[2][0][0], None
 
     @property
     def shared_with_codex(self):
@@ -708,11 +719,7 @@ class TokenStore:
 
     def examine(self):
         """(document, None), or (None, what is wrong with the file), or (None, None)."""
-        path = self.path
-        try:
-            mtime = path.stat().st_mtime_ns
-        except OSError:
-            mtime = None
+        path, mtime = self._current()
         cached_path, cached_mtime, doc, fault = self._cache
         if (cached_path, cached_mtime) != (path, mtime):
             doc, fault = read_login_file(path) if mtime is not None else (None, None)
@@ -2900,6 +2907,45 @@ class LearnedDowngrades:
                       for rule, until in rules.items() if until > now)
 
 
+class WrittenTools:
+    """The tool lists of recent requests, as the JSON bytes sent upstream. A conversation
+    sends the same tools every turn (Claude Code's are 30 KB of JSON, most of the time it
+    takes to write a request), so an equal list is written once and its bytes reused."""
+
+    KEEP = 16   # tool sets at once: the main agent, sub-agents, other clients
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.recent = collections.OrderedDict()   # the tools' names -> (tools as written, bytes)
+
+    def request_bytes(self, codex):
+        """json_bytes(codex), with its tools reused: the top-level list (classic shape), or
+        the first input item that carries them (Responses Lite). The part reused goes last
+        among the keys, where the order means nothing."""
+        items = codex.get("input")
+        if codex.get("tools") and len(codex) > 1:
+            key, head, tail = "tools", b"", b""
+        elif isinstance(items, list) and items and items[0].get("type") == "additional_tools" and len(codex) > 1:
+            key, head, tail = "input", b"[", b"]" if len(items) == 1 else b"," + json_bytes(items[1:])[1:]
+        else:
+            return json_bytes(codex)
+        rest = json_bytes({name: value for name, value in codex.items() if name != key})
+        reused = self.written(codex["tools"] if key == "tools" else items[0])
+        return b"%s,\"%s\":%s%s%s}" % (rest[:-1], key.encode("ascii"), head, reused, tail)
+
+    def written(self, part):
+        tools = part if isinstance(part, list) else [t for space in part.get("tools") or () for t in space.get("tools") or ()]
+        names = tuple(str(tool.get("name") or tool.get("type")) if isinstance(tool, dict) else "" for tool in tools)
+        with self.lock:
+            seen = self.recent.get(names)
+        if seen is not None and seen[0] == part:
+            return seen[1]
+        data = json_bytes(part)
+        with self.lock:   # kept as read back from the bytes: later changes to ``part`` cannot reach it
+            lru_put(self.recent, names, (json.loads(data), data), self.KEEP)
+        return data
+
+
 # ---------------------------------------------------------------------------
 # Stream translation: Codex Responses events -> Anthropic Messages events
 # ---------------------------------------------------------------------------
@@ -4092,7 +4138,7 @@ class Relay:
         self._set_payload(codex)
 
     def _set_payload(self, codex):
-        self.payload = json_bytes(codex)
+        self.payload = self.server.written_tools.request_bytes(codex)
         self.codex_body, self.estimate = codex, None
 
     def _choose_account(self, body, headers):
@@ -4367,6 +4413,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.ledger = UsageLedger(config)
         self.threads = ThreadStore()
         self.reasoning = ReasoningCache()
+        self.written_tools = WrittenTools()
         self.keeper = Keeper(self)
         self.proxy_key = config.proxy_key()
         self.stopping = threading.Event()   # set on shutdown once running replies had their grace time

@@ -26,7 +26,7 @@ Request translation (pure functions), the compatibility table, learned downgrade
 
 Conversation state kept between turns: threads, hidden reasoning, token counts
     TestMessageThreadsWithTheSDK, TestMessageThreads, TestHiddenReasoning,
-    TestCountTokensCalibration
+    TestWrittenTools, TestCountTokensCalibration
 
 Stream translation (the reducer, pure) and web search
     TestStreamTranslation, TestCodexCliStreams, TestWebSearch
@@ -3229,6 +3229,44 @@ class TestHiddenReasoning(unittest.TestCase):
         self.assertLessEqual(cache.bytes, 50000)
         self.assertIsNotNone(cache.recall("call_999", "gpt-5.5", None))
         self.assertIsNone(cache.recall("call_0", "gpt-5.5", None))
+
+
+class TestWrittenTools(unittest.TestCase):
+    """The tools of a conversation are written to JSON once and their bytes reused by the
+    next turns: the request sent is the same JSON, for the classic shape and for Lite."""
+
+    def turns(self, model):
+        body = dict(BASIC, model=model, tools=[BASH_TOOL, dict(BASH_TOOL, name="Read", description="Read a file")])
+        return [translate(dict(body, messages=[user("turn %d" % n)]))[0] for n in range(3)]
+
+    def test_each_turn_sends_the_same_json_and_the_tools_are_written_once(self):
+        for model, shape in (("gpt-5.5", "tools"), ("gpt-5.6-sol", "input")):
+            with self.subTest(model=model):
+                written = cp.WrittenTools()
+                sent = [written.request_bytes(codex) for codex in self.turns(model)]
+                self.assertEqual([json.loads(data) for data in sent], self.turns(model))
+                self.assertIn(shape, json.loads(sent[0]))
+                self.assertEqual(len(written.recent), 1, "one tool set, written once")
+                tools = json.dumps(json.loads(sent[0])[shape] if shape == "tools" else json.loads(sent[0])["input"][0],
+                                   ensure_ascii=False, separators=(",", ":")).encode()
+                self.assertTrue(all(tools in data for data in sent), "the same bytes in every turn")
+
+    def test_changed_tools_are_written_again_and_later_changes_cannot_reach_the_kept_bytes(self):
+        written = cp.WrittenTools()
+        first, second, _ = self.turns("gpt-5.5")
+        before = written.request_bytes(first)
+        first["tools"][0]["description"] = "changed after it was sent"
+        after = written.request_bytes(second)
+        self.assertNotIn(b"changed after it was sent", after)
+        self.assertEqual(json.loads(after)["tools"], json.loads(before)["tools"])
+        second["tools"][1]["description"] = "Read a file, all of it"
+        self.assertEqual(json.loads(written.request_bytes(second)), second)
+
+    def test_requests_without_tools_are_written_as_they_are(self):
+        written = cp.WrittenTools()
+        codex = translate(BASIC)[0]
+        self.assertEqual(written.request_bytes(codex), cp.json_bytes(codex))
+        self.assertEqual(len(written.recent), 0)
 
 
 class TestCountTokensCalibration(ProxyCase):
