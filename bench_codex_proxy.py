@@ -36,15 +36,16 @@ RATE = 100   # upstream events per second per stream in the latency runs
 TARGETS = {"serial_55k_new_added_p50_ms": 1.7, "serial_55k_kept_added_p50_ms": 1.0,
            "serial_1k_new_added_p50_ms": 0.9, "serial_1k_kept_added_p50_ms": 0.9, "ttfb_added_p50_ms": 2.0, "ttfb_added_p99_ms": 10.0, "event_added_ms": 1.0,
            "events_per_core_second": 20000, "rss_64_mb": 40.0, "connections_per_100": 1, "start_ms": 150.0,
-           "rss_after_large_added_mb": 20.0}
+           "rss_after_large_added_mb": 20.0, "end_tool_checked_p50_ms": 55.0}
 
 
 # ---------------------------------------------------------------------------
 # The fake upstream
 # ---------------------------------------------------------------------------
 
-def turn_events():
-    """One realistic Responses stream, as a list of event dicts ({stamp} marks a send time)."""
+def turn_events(tool_call=True):
+    """One realistic Responses stream, as a list of event dicts ({stamp} marks a send time);
+    without its closing tool call when ``tool_call`` is false."""
     events, seq = [], [0]
 
     def add(kind, **fields):
@@ -70,6 +71,10 @@ def turn_events():
             logprobs=[], obfuscation="abcdefgh")
     add("response.output_item.done", output_index=1, item={"id": "msg_1", "type": "message", "role": "assistant",
                                                            "status": "completed", "content": []})
+    if not tool_call:
+        add("response.completed", response=dict(response, status="completed", usage={
+            "input_tokens": 12000, "input_tokens_details": {"cached_tokens": 11000}, "output_tokens": 900}))
+        return events
     add("response.output_item.added", output_index=2, item={"id": "fc_1", "type": "function_call", "name": "Bash",
                                                             "call_id": "call_bench", "arguments": ""})
     add("response.function_call_arguments.delta", item_id="fc_1", output_index=2, delta='{"command":"')
@@ -81,6 +86,21 @@ def turn_events():
     add("response.completed", response=dict(response, status="completed", usage={
         "input_tokens": 12000, "input_tokens_details": {"cached_tokens": 11000}, "output_tokens": 900}))
     return events
+
+
+def verdict_events():
+    """The classifier's answer to one auto-mode check: a short JSON verdict."""
+    text = json.dumps({"outcome": "not_flagged", "explanation": "Routine work in the folder."})
+    response = {"id": "resp_check", "object": "response", "status": "in_progress", "model": "gpt-5.4-mini", "output": []}
+    item = {"id": "msg_c", "type": "message", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    return [{"type": "response.created", "response": response},
+            {"type": "response.output_item.added", "output_index": 0, "item": dict(item, content=[])},
+            {"type": "response.output_text.delta", "item_id": "msg_c", "output_index": 0, "content_index": 0,
+             "delta": text},
+            {"type": "response.output_item.done", "output_index": 0, "item": item},
+            {"type": "response.completed", "response": dict(response, status="completed", usage={
+                "input_tokens": 900, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 20})}]
 
 
 def sse_chunks(events):
@@ -108,6 +128,10 @@ class FakeUpstream:
 
     def __init__(self):
         self.chunks = sse_chunks(turn_events())
+        self.text_chunks = sse_chunks(turn_events(tool_call=False))
+        self.verdict_chunks = sse_chunks(verdict_events())
+        self.review_delay = 0.05   # how long the classifier model takes to answer
+        self.ended = []            # when the last event of each turn was sent (monotonic)
         self.first_item = next(n for n, (_, data) in enumerate(self.chunks) if b"output_item.added" in data)
         self.rate = 0
         self.pause = 0.0   # seconds of silence after the first output item (so that first bytes are timed alone)
@@ -131,8 +155,11 @@ class FakeUpstream:
                     self.counted = True
                     with fake.lock:
                         fake.connections += 1
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                fake.stream(self)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if b"pending_call" in body:   # the proxy's auto-mode check: the classifier model
+                    time.sleep(fake.review_delay)
+                    return fake.stream(self, fake.verdict_chunks)
+                fake.stream(self, fake.text_chunks if b"only-text" in body else fake.chunks, fake.ended)
 
             def do_GET(self):   # the model catalog: none, so the proxy uses its built-in table
                 self.send_response(404)
@@ -146,7 +173,8 @@ class FakeUpstream:
     def base(self):
         return "http://127.0.0.1:%d/backend-api/codex" % self.server.server_address[1]
 
-    def stream(self, handler):
+    def stream(self, handler, chunks=None, ended=None):
+        chunks = chunks or self.chunks
         handler.send_response(200)
         handler.send_header("Content-Type", "text/event-stream")
         handler.send_header("Transfer-Encoding", "chunked")
@@ -154,7 +182,7 @@ class FakeUpstream:
         gap = 1.0 / self.rate if self.rate else 0
         start = time.monotonic()
         try:
-            for n, (stamped, data) in enumerate(self.chunks):
+            for n, (stamped, data) in enumerate(chunks):
                 if self.pause and n == self.first_item + 1:
                     time.sleep(self.pause)
                     start += self.pause
@@ -165,6 +193,8 @@ class FakeUpstream:
                 if stamped:
                     data = data.replace(b"{stamp}", b"%.6f;" % time.monotonic())
                 handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            if ended is not None:
+                ended.append(time.monotonic())
             handler.wfile.write(b"0\r\n\r\n")
         except OSError:
             handler.close_connection = True
@@ -479,8 +509,49 @@ def measure(quick, program=PROXY):
     finally:
         proxy.stop()
     measure_large_bodies(results, upstream, program, quick)
+    measure_safeguards(results, upstream, program, quick)
     results["machine"] = "%d CPU, %s, Python %s" % (os.cpu_count(), sys.platform, sys.version.split()[0])
     return results
+
+
+def end_delays(proxy, upstream, raw, count):
+    """Seconds from the upstream's last event of each turn to the end of the client's reply."""
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+    delays = []
+    try:
+        for _ in range(count):
+            conn.request("POST", "/v1/messages?beta=true", raw, {"x-api-key": KEY, "Content-Type": "application/json"})
+            response = conn.getresponse()
+            data = response.read()
+            done = time.monotonic()
+            if response.status != 200 or b"message_stop" not in data:
+                raise RuntimeError("HTTP %d: %r" % (response.status, data[-300:]))
+            delays.append(done - upstream.ended[-1])
+    finally:
+        conn.close()
+    return delays
+
+
+def measure_safeguards(results, upstream, program, quick):
+    """Auto mode's check (``safeguards``): the end of a tool-call turn waits only for the
+    classifier, which the fake upstream answers after ``review_delay``; a turn without
+    tool calls does not wait at all. The upstream streams at 2,000 events a second, which the
+    proxy keeps up with, so that what is timed is the wait, not a backlog of events."""
+    upstream.rate, upstream.pause = 2000, 0.0
+    proxy = Proxy(upstream.base, program)
+    try:
+        plain = request_body()
+        checked = dict(plain, safeguards=[{"type": "dangerous_tool_use", "classifier_context": {"v": 1}}])
+        text = [{"role": "user", "content": "only-text: answer in words."}]
+        count = 5 if quick else 20
+        for key, body in (("tool_checked", checked), ("tool_plain", plain),
+                          ("text_checked", dict(checked, messages=text)), ("text_plain", dict(plain, messages=text))):
+            delays = end_delays(proxy, upstream, json.dumps(body).encode(), count)
+            results["end_%s_p50_ms" % key] = round(percentile(delays, 0.5) * 1000, 2)
+        results["review_delay_ms"] = upstream.review_delay * 1000
+    finally:
+        upstream.rate = 0
+        proxy.stop()
 
 
 def measure_large_bodies(results, upstream, program, quick):
@@ -509,6 +580,7 @@ def report(results):
         ("upstream events per proxy CPU-second", "events_per_core_second", "/s", ">="),
         ("peak RSS, 64 concurrent streams", "rss_64_mb", "MB", "<="),
         ("RSS added after 100 requests of 5 MB", "rss_after_large_added_mb", "MB", "<="),
+        ("last upstream event to message_stop, auto mode", "end_tool_checked_p50_ms", "ms", "<="),
         ("upstream connections per 100 sequential turns", "connections_per_100", "", "<="),
         ("start to listening", "start_ms", "ms", "<="),
     ]
@@ -523,7 +595,10 @@ def report(results):
           "wall at %(proxy_cpu_share)s of a core; RSS idle %(rss_idle_mb)s MB, 1 stream %(rss_1_mb)s MB, 16 streams "
           "%(rss_16_mb)s MB; connections per 100 turns from 8 clients: %(connections_per_100_at_8_concurrent)s; "
           "at 4x the token rate (12,800 events/s): added per event %(stress_event_added_ms)s ms, added first "
-          "byte %(stress_ttfb_added_p50_ms)s ms; %(machine)s" % results)
+          "byte %(stress_ttfb_added_p50_ms)s ms; auto mode's check (classifier answering in %(review_delay_ms)g ms): "
+          "last upstream event to message_stop %(end_tool_checked_p50_ms)s ms with a tool call (%(end_tool_plain_p50_ms)s "
+          "ms unchecked), %(end_text_checked_p50_ms)s ms without one (%(end_text_plain_p50_ms)s ms unchecked); "
+          "%(machine)s" % results)
     print(json.dumps(results, sort_keys=True))
 
 

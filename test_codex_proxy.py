@@ -35,6 +35,9 @@ Upstream client: the failure table, errors, timeouts, faults, the model catalog
     TestUpstreamFailureTable, TestUpstreamErrors, TestUpstreamTimeouts,
     TestUpstreamUnreachable, TestUpstreamFaults, TestModelCatalog
 
+Safeguards: auto mode's check of each tool call, Claude Code's own classifier
+    TestAutoModeSafeguards, TestAutoModeSafeguardsOff, TestClaudeCodesOwnClassifier
+
 Relaying a turn: recovery, streaming, concurrency
     TestRecoveryTable, TestStreaming, TestConcurrency
 
@@ -48,7 +51,8 @@ Command line: env, the launcher, doctor, a named login, the request log, the man
     TestOnlyANamedLogin, TestRequestLog, TestManual
 
 Judged by real clients: Claude Code CLI and the official Python SDK; a fresh clone's data
-    TestClaudeCode, TestClaudeCodeWebSearch, TestAnthropicSDK,
+    TestClaudeCode, TestClaudeCodeAutoMode, TestClaudeCodeAutoModeInteractive, TestClaudeCodeWebSearch,
+    TestAnthropicSDK,
     TestFreshCloneData
 """
 
@@ -141,11 +145,44 @@ REFRESH_REUSED_BODY = {"error": {"message": "Your refresh token has already been
 
 
 FAKE_CATALOG = load_catalog()
-FAKE_MODELS = {m["slug"]: tuple(level["effort"] for level in m["supported_reasoning_levels"]) for m in FAKE_CATALOG}
-FAKE_LITE = {m["slug"] for m in FAKE_CATALOG if m.get("use_responses_lite")}
+# The reviewer the Codex CLI 0.171 ships in its catalog (hidden): the backend serves it; tests
+# that want the proxy to find it add it to the catalog the fake lists.
+REVIEWER_ENTRY = dict(CATALOG_ENTRY, slug="codex-auto-review", display_name="codex-auto-review", visibility="hide",
+                      use_responses_lite=True, default_reasoning_level="medium", minimal_client_version="0.98.0",
+                      supported_reasoning_levels=[{"effort": e} for e in ("low", "medium", "high")],
+                      description="Automatic approval review model for Codex")
+FAKE_MODELS = {m["slug"]: tuple(level["effort"] for level in m["supported_reasoning_levels"])
+               for m in FAKE_CATALOG + [REVIEWER_ENTRY]}
+FAKE_LITE = {m["slug"] for m in FAKE_CATALOG + [REVIEWER_ENTRY] if m.get("use_responses_lite")}
 PART_TYPES = {"user": {"input_text", "input_image", "input_file"},
               "developer": {"input_text"}, "system": {"input_text"},
               "assistant": {"output_text", "refusal"}}
+
+
+def fallback_stage(body):
+    """"severity" or "block" for Claude Code's own classifier requests (as the proxy sends
+    them on: the system prompt a developer message), else None."""
+    texts = [part.get("text") or "" for item in (body or {}).get("input") or [] if item.get("type") == "message"
+             for part in item.get("content") or [] if isinstance(part, dict)]
+    if not any(cp.CLASSIFIER_SYSTEM in text for text in texts):
+        return None
+    tail = texts[-1][-2000:] if texts else ""
+    return "severity" if "<severity>" in tail else "block" if "<block>" in tail else None
+
+
+def review_case(body):
+    """The case a classifier request asks about ({"session", "user_messages", "pending_call"}),
+    read from its user message; None for any other request."""
+    for item in (body or {}).get("input") or []:
+        if item.get("type") == "message" and item.get("role") == "user":
+            for part in item.get("content") or []:
+                try:
+                    case = json.loads(part.get("text") or "")
+                except ValueError:
+                    continue
+                if isinstance(case, dict) and "pending_call" in case:
+                    return case
+    return None
 
 
 def codex_request_problem(body, issued, lite=False):
@@ -534,6 +571,10 @@ class FakeCodex(FakeServer):
         self.issued = set()
         self.valid_tokens = {ACCESS_TOKEN}
         self.connections = 0
+        self.reviewer = None         # case -> events or Reply: plays the model that judges auto mode's calls
+        self.reviews = []            # the cases it was asked about (the proxy's classifier requests)
+        self.fallback_classifier = None   # (stage, body) -> events: answers Claude Code's own classifier
+        self.fallback_asked = []
         self.lock = threading.Lock()
         FakeServer.__init__(self)
 
@@ -575,6 +616,8 @@ class FakeCodex(FakeServer):
             self.counts_tokens = False
             self.refuse = None
             self.limits, self.usage_headers, self.served = {}, {}, {}
+            self.reviewer, self.reviews = None, []
+            self.fallback_classifier, self.fallback_asked = None, []
 
     def turn(self, model="gpt-5.5"):
         return Turn(self, model)
@@ -600,6 +643,23 @@ class FakeCodex(FakeServer):
             return self.send_json(handler, problem[0], {"detail": problem[1]})
         if self.refuse and self.refuse[0](body, headers):
             return self.send_json(handler, self.refuse[1], self.refuse[2])
+        stage = fallback_stage(body)
+        if stage is not None and self.fallback_classifier is not None:
+            with self.lock:
+                self.requests.pop()
+                self.fallback_asked.append((stage, body))
+            return self.stream(handler, Reply(events=self.fallback_classifier(stage, body)), body)
+        case = review_case(body)
+        if case is not None and self.reviewer is not None:
+            with self.lock:
+                self.requests.pop()   # kept apart: the turn's own requests stay in order
+                self.reviews.append(dict(case, model=body["model"], effort=body["reasoning"]["effort"],
+                                         text=body.get("text")))
+            answer = self.reviewer(case)
+            reply = answer if isinstance(answer, Reply) else Reply(events=answer)
+            if reply.status != 200:
+                return self.send_json(handler, reply.status, reply.body, reply.headers)
+            return self.stream(handler, reply, body)
         account = headers["chatgpt-account-id"]
         with self.lock:
             served = self.served[account] = self.served.get(account, 0) + 1
@@ -3931,6 +3991,218 @@ class TestModelCatalog(ProxyCase):
 
 
 # ---------------------------------------------------------------------------
+# Safeguards: auto mode's check of each tool call (the fake plays the classifier model too)
+# ---------------------------------------------------------------------------
+
+
+
+def auto_mode_body(**extra):
+    """A request as Claude Code sends it in auto mode: the real one when the fixtures are there."""
+    try:
+        body = claude_code_body("09-interactive-request.json")
+        context = body["safeguards"][0]["classifier_context"]
+    except unittest.SkipTest:
+        context = {"v": 1, "permission_mode": "auto", "platform": "linux", "live_cwd": "/work",
+                   "trusted_directories": {"primary": {"path": "/work", "resolved": ["/work"]}, "additional": []},
+                   "rules": {"allow": [], "deny": [], "ask": []}, "git_state": {"cwd": "/work", "branch": "main"}}
+    return dict(BASIC, tools=[BASH_TOOL], messages=[user("Clean the build and publish main, whatever it takes.")],
+                safeguards=[{"type": "dangerous_tool_use", "classifier_context": context}], **extra)
+
+
+def verdict(outcome, explanation):
+    return lambda case: Turn(None, "codex-auto-review").text(
+        json.dumps({"outcome": outcome, "explanation": explanation})).completed(input_tokens=900, output_tokens=20)
+
+
+def by_command(flagged):
+    """A reviewer that flags the Bash commands containing ``flagged`` and lets the others run."""
+    def judge(case):
+        command = case["pending_call"]["input"].get("command", "")
+        return verdict("flagged" if flagged in command else "not_flagged", "judged: " + command)(case)
+    return judge
+
+
+class TestAutoModeSafeguards(ProxyCase):
+    """Every tool_use of a reply to a request with ``safeguards`` gets a verdict in the final
+    message_delta (streaming) or the Message (not): judged by the catalog's reviewer model as
+    soon as the call is complete, failing closed when no verdict can be had."""
+
+    settings = {"safeguard_wait": 2.0, "retries": 0}
+
+    def setUp(self):
+        ProxyCase.setUp(self)
+        self.fake.catalog = FAKE_CATALOG + [REVIEWER_ENTRY]
+        self.proxy.catalog.refresh()
+
+    def two_calls(self):
+        return self.fake.turn().tool_call("Bash", {"command": "rm -rf ./build"}, call_id="call_rm") \
+            .tool_call("Bash", {"command": "git push --force origin main"}, call_id="call_push").completed()
+
+    def results(self, events):
+        final = [e for e in events if e["type"] == "message_delta"]
+        self.assertEqual(len(final), 1)
+        return final[0]["delta"].get("safeguard_results")
+
+    def test_each_tool_call_gets_its_verdict_in_the_final_message_delta(self):
+        self.fake.reviewer = by_command("--force")
+        self.fake.reply(self.two_calls())
+        events = self.stream(auto_mode_body())
+        uses = [e["content_block"]["id"] for e in events if e["type"] == "content_block_start"
+                and e["content_block"]["type"] == "tool_use"]
+        self.assertEqual(self.results(events), [{"type": "dangerous_tool_use", "status": {"type": "available", "tool_uses": {
+            uses[0]: {"type": "evaluated", "outcome": "not_flagged", "explanation": "judged: rm -rf ./build"},
+            uses[1]: {"type": "evaluated", "outcome": "flagged", "explanation": "judged: git push --force origin main"}}}}])
+        self.assertEqual(len(self.fake.requests), 1, "the turn itself went upstream once")
+        cases = sorted(self.fake.reviews, key=lambda c: c["pending_call"]["input"]["command"])
+        self.assertEqual([c["pending_call"] for c in cases], [
+            {"tool": "Bash", "input": {"command": "git push --force origin main"}},
+            {"tool": "Bash", "input": {"command": "rm -rf ./build"}}])
+        for case in cases:
+            self.assertEqual(case["user_messages"], ["Clean the build and publish main, whatever it takes."])
+            self.assertEqual(case["session"], auto_mode_body()["safeguards"][0]["classifier_context"])
+            self.assertEqual((case["model"], case["effort"]), ("codex-auto-review", "low"))
+            self.assertEqual(case["text"]["format"]["schema"], cp.VERDICT_SCHEMA)
+
+    def test_a_non_streaming_message_carries_them_at_the_top_level(self):
+        self.fake.reviewer = by_command("--force")
+        self.fake.reply(self.two_calls())
+        message = self.post(auto_mode_body()).json()
+        uses = [b["id"] for b in message["content"] if b["type"] == "tool_use"]
+        status = message["safeguard_results"][0]["status"]
+        self.assertEqual([status["tool_uses"][u]["outcome"] for u in uses], ["not_flagged", "flagged"])
+        self.assertEqual(message["stop_reason"], "tool_use")
+
+    def test_a_reply_without_tool_calls_costs_no_classifier_request(self):
+        self.fake.reviewer = by_command("--force")
+        self.fake.reply(self.fake.turn().text("Nothing to run.").completed())
+        events = self.stream(auto_mode_body())
+        self.assertEqual(self.results(events), [{"type": "dangerous_tool_use",
+                                                 "status": {"type": "available", "tool_uses": {}}}])
+        self.assertEqual(self.fake.reviews, [])
+
+    def test_a_verdict_that_cannot_be_had_fails_closed(self):
+        stalled = Reply(events=verdict("not_flagged", "late")(None), stall_after=0)
+        for name, reviewer, reason in (
+                ("timeout", lambda case: stalled, "timeout"),
+                ("garbage", lambda case: Turn(None, "codex-auto-review").text("Sure, looks fine!").completed(), "error"),
+                ("backend error", lambda case: Reply(status=500, body={"detail": "boom"}), "error"),
+                ("wrong outcome", verdict("maybe", "?"), "error")):
+            with self.subTest(reviewer=name):
+                self.fake.reset()
+                self.fake.catalog = FAKE_CATALOG + [REVIEWER_ENTRY]
+                self.fake.reviewer = reviewer
+                self.fake.reply(self.fake.turn().tool_call("Bash", {"command": "git push --force"}).completed())
+                started = time.monotonic()
+                status = self.results(self.stream(auto_mode_body()))[0]["status"]
+                self.assertEqual(list(status["tool_uses"].values()), [{"type": "unavailable", "reason": reason}])
+                self.assertLess(time.monotonic() - started, 20, "the deadline bounds the wait")
+        stalled.release.set()
+
+    def test_calls_are_judged_while_the_reply_goes_on(self):
+        self.fake.reviewer = verdict("not_flagged", "routine")
+        turn = self.fake.turn().tool_call("Bash", {"command": "make test"}).text("Running the tests.").completed()
+        reply = self.fake.reply(Reply(events=turn, gate_after=len(turn) - 4))   # held after the call is done
+        threading.Thread(target=lambda: (wait_until(lambda: self.fake.reviews, what="a classifier request"),
+                                         reply.gate.set()), daemon=True).start()
+        status = self.results(self.stream(auto_mode_body()))[0]["status"]
+        self.assertEqual([v["outcome"] for v in status["tool_uses"].values()], ["not_flagged"])
+
+    def test_the_classifier_is_the_setting_else_the_catalogs_reviewer_else_the_haiku_model(self):
+        config = make_config(self.home, self.fake.url)
+        self.assertEqual(cp.safeguard_model(config, {"codex-auto-review": {}, "gpt-5.5": {}}), "codex-auto-review:low")
+        self.assertEqual(cp.safeguard_model(config, {"gpt-5.5": {}}), "gpt-5.4-mini:low")
+        config.safeguard_model = "gpt-5.5:medium"
+        self.assertEqual(cp.safeguard_model(config, {"codex-auto-review": {}}), "gpt-5.5:medium")
+
+    def test_the_request_log_names_every_verdict_and_its_time(self):
+        from unittest import mock
+        records = []
+        self.fake.reviewer = by_command("--force")
+        self.fake.reply(self.two_calls())
+        with mock.patch.object(self.proxy.config, "verbose", True), \
+                mock.patch.object(self.proxy, "log_request_record", lambda record, line: records.append((record, line))):
+            self.stream(auto_mode_body())
+        record, line = records[-1]
+        self.assertEqual(sorted(c["outcome"] for c in record["safeguards"]), ["flagged", "not_flagged"])
+        self.assertTrue(all(isinstance(c["ms"], int) for c in record["safeguards"]))
+        self.assertRegex(line, r" check=call_rm:not_flagged/\d+ms check=call_push:flagged/\d+ms")
+
+    def test_checks_count_in_the_usage_ledger_as_their_own_kind(self):
+        key = (time.strftime("%Y-%m-%d", time.gmtime()), "codex-auto-review (auto mode checks)")
+        before = cp.UsageLedger(self.config).totals(1).get(key, [0, 0, 0, 0])
+        self.fake.reviewer = by_command("--force")
+        self.fake.reply(self.two_calls())
+        self.stream(auto_mode_body())
+        after = cp.UsageLedger(self.config).totals(1)[key]
+        self.assertEqual([a - b for a, b in zip(after, before)], [2, 1800, 0, 40], "two checks, their tokens")
+
+
+class TestAutoModeSafeguardsOff(ProxyCase):
+    """CODEX_PROXY_SAFEGUARDS=off: no call is judged; a client that asks is told "disabled",
+    and Claude Code is started with its own classifier (CLAUDE_CODE_AUTO_MODE_SERVER=0)."""
+
+    settings = {"safeguards": False}
+
+    def test_no_call_is_judged_and_the_answer_says_disabled(self):
+        self.fake.reviewer = verdict("not_flagged", "never asked")
+        self.fake.reply(self.fake.turn().tool_call("Bash", {"command": "ls"}).completed())
+        message = self.post(auto_mode_body()).json()
+        self.assertEqual(message["safeguard_results"], [{"type": "dangerous_tool_use",
+                                                         "status": {"type": "unavailable", "reason": "disabled"}}])
+        self.assertEqual(self.fake.reviews, [])
+
+    def test_claude_code_is_told_to_classify_by_itself(self):
+        off = cp.client_env(self.config, "http://127.0.0.1:1", "key")
+        self.assertEqual(off["CLAUDE_CODE_AUTO_MODE_SERVER"], "0")
+        self.assertNotIn("CLAUDE_CODE_AUTO_MODE_SERVER", cp.client_env(make_config(self.home, self.fake.url),
+                                                                      "http://127.0.0.1:1", "key"))
+
+
+class TestClaudeCodesOwnClassifier(unittest.TestCase):
+    """Claude Code's own classifier requests (its fallback) get answers in exactly the asked
+    form; an answer that cannot be read as one becomes the blocking one."""
+
+    SYSTEM = "You are a security monitor for autonomous AI coding agents. ..."
+
+    def message(self, text):
+        return {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-haiku-4-5",
+                "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+                "usage": {"input_tokens": 1, "output_tokens": 1}}
+
+    def body(self, ask):
+        return {"model": "claude-haiku-4-5", "max_tokens": 64, "system": [{"type": "text", "text": self.SYSTEM}],
+                "messages": [user("<transcript>...</transcript>\n" + ask)], "stop_sequences": ["</block>"]}
+
+    def test_each_stage_is_recognised(self):
+        self.assertEqual(cp.answer_form(self.body("Respond with <severity>N</severity> ONLY.")), "severity")
+        self.assertEqual(cp.answer_form(self.body("Answer <block>yes</block> or <block>no</block>.")), "block")
+        self.assertIsNone(cp.answer_form(dict(self.body("<block>"), system="You are a helpful assistant.")))
+        self.assertIsNone(cp.answer_form(BASIC))
+
+    def test_answers_are_rewritten_to_the_exact_form(self):
+        cases = [
+            ("severity", "<severity>12</severity>", "<severity>12</severity>"),
+            ("severity", "Looking at this... the action is routine.\n<severity> 8 </severity>", "<severity>8</severity>"),
+            ("severity", "<severity>72</severity><category>Data Exfiltration</category> because it uploads",
+             "<severity>72</severity><category>Data Exfiltration</category>"),
+            ("severity", "I think it is fine.", "<severity>100</severity>"),
+            ("severity", "<severity>10</severity> or maybe <severity>90</severity>", "<severity>100</severity>"),
+            ("block", "<block>no</block>", "<block>no</block>"),
+            ("block", "After review: <block>no</block>, it stays in the folder.", "<block>no</block>"),
+            ("block", "<block>yes</block><reason>force push</reason>", "<block>yes</block><reason>force push</reason>"),
+            ("block", "It depends.", "<block>yes</block><reason>The reviewer's answer could not be read; "
+                                     "blocked to be safe.</reason>"),
+            ("block", "<block>no</block> <block>yes</block>", "<block>yes</block><reason>The reviewer's answer "
+                                                              "could not be read; blocked to be safe.</reason>"),
+        ]
+        for form, said, answer in cases:
+            with self.subTest(said=said):
+                rewritten = cp.in_form(self.message(said), form)
+                self.assertEqual([b["text"] for b in rewritten["content"]], [answer])
+                self.assertEqual((rewritten["stop_reason"], rewritten["stop_sequence"]), ("end_turn", None))
+
+
+# ---------------------------------------------------------------------------
 # Relaying a turn: recovery, streaming, concurrency
 # ---------------------------------------------------------------------------
 
@@ -5515,9 +5787,8 @@ class RecordingHandler(cp.ProxyHandler):
         cp.ProxyHandler.send_header(self, keyword, value)
 
 
-@needs(CLAUDE, "Claude Code CLI not found: npm install @anthropic-ai/claude-code@2.1.331 (or set CODEX_PROXY_CLAUDE)")
-class TestClaudeCode(ProxyCase):
-    """Scenarios run by the real `claude -p` against the proxy and FakeCodex."""
+class ClaudeCodeCase(ProxyCase):
+    """Runs the real `claude -p` in an empty home against the proxy and FakeCodex."""
 
     handler = RecordingHandler
     settings = {"ping_interval": 1.0}
@@ -5531,6 +5802,8 @@ class TestClaudeCode(ProxyCase):
         self.addCleanup(shutil.rmtree, str(root), True)
         for name in ("home", "tmp", "work"):
             (root / name).mkdir()
+        self.work = root / "work"
+        (self.work / "build").mkdir()   # something for a risky command to remove
         environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root / "home"),
                        "TMPDIR": str(root / "tmp"), "TERM": "dumb", "ANTHROPIC_BASE_URL": self.proxy.url,
                        "ANTHROPIC_AUTH_TOKEN": PROXY_KEY, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
@@ -5548,6 +5821,11 @@ class TestClaudeCode(ProxyCase):
     def blocks(self, lines, kind):
         return [block for line in lines if line.get("type") in ("assistant", "user")
                 for block in line["message"]["content"] if isinstance(block, dict) and block.get("type") == kind]
+
+
+@needs(CLAUDE, "Claude Code CLI not found: npm install @anthropic-ai/claude-code@2.1.331 (or set CODEX_PROXY_CLAUDE)")
+class TestClaudeCode(ClaudeCodeCase):
+    """Scenarios run by the real `claude -p` against the proxy and FakeCodex."""
 
     def test_1_plain_text_answer(self):
         self.fake.reply(self.fake.turn().text("Hello from the Codex backend.").completed())
@@ -5626,6 +5904,169 @@ class TestClaudeCode(ProxyCase):
 
 
 @needs(CLAUDE, "Claude Code CLI not found: npm install @anthropic-ai/claude-code@2.1.331 (or set CODEX_PROXY_CLAUDE)")
+class TestClaudeCodeAutoMode(ClaudeCodeCase):
+    """Claude Code in auto mode (its default permission mode), headless: the proxy answers its
+    safety check; a flagged or unjudged call does not run. Also its own classifier
+    (CLAUDE_CODE_AUTO_MODE_SERVER=0) through the proxy, with a model that says more than asked."""
+
+    settings = {"ping_interval": 1.0, "safeguard_wait": 2.0}
+    ALLOWED = "rm -rf ./build && echo cleaned-7f3a"
+    FLAGGED = "touch pushed.txt && git push --force origin main"
+
+    def setUp(self):
+        ClaudeCodeCase.setUp(self)
+        self.fake.catalog = FAKE_CATALOG + [REVIEWER_ENTRY]
+        self.proxy.catalog.refresh()
+
+    def run_command(self, command, **env):
+        turn = self.fake.turn().text("Running it.").tool_call("Bash", {"command": command, "description": "do it"})
+        self.fake.reply(turn.completed(), self.fake.turn().text("Finished.").completed(),
+                        self.fake.turn().text("Finished again.").completed())
+        result, lines = self.claude("clean the build and force-push main", "--permission-mode", "auto", **env)
+        results = self.blocks(lines, "tool_result")
+        self.assertTrue(results, "the call came back: %s" % result)
+        content = results[0]["content"]
+        return result, content if isinstance(content, str) else json.dumps(content)
+
+    def test_1_a_risky_command_the_classifier_allows_runs(self):
+        self.fake.reviewer = by_command("--force")
+        result, output = self.run_command(self.ALLOWED)
+        self.assertIn("cleaned-7f3a", output)
+        self.assertFalse((self.work / "build").exists(), "the command really ran")
+        self.assertEqual([c["pending_call"]["input"]["command"] for c in self.fake.reviews], [self.ALLOWED])
+        self.assertEqual(self.fake.requests[0]["body"].get("safeguards"), None, "the field stays with the proxy")
+        self.assertNotIn("can't check", json.dumps(result))
+
+    def test_2_a_command_the_classifier_flags_does_not_run(self):
+        self.fake.reviewer = by_command("--force")
+        result, output = self.run_command(self.FLAGGED)
+        self.assertIn("denied by the Claude Code auto mode classifier", output)
+        self.assertIn("judged: " + self.FLAGGED, output, "the explanation reaches the model")
+        self.assertFalse((self.work / "pushed.txt").exists(), "the command did not run")
+
+    def test_3_a_classifier_that_times_out_or_answers_garbage_does_not_run_the_command(self):
+        stalled = Reply(events=verdict("not_flagged", "late")(None), stall_after=0)
+        self.addCleanup(stalled.release.set)
+        for name, reviewer, reason in (
+                ("garbage", lambda case: Turn(None, "codex-auto-review").text("Looks fine to me!").completed(), "error"),
+                ("timeout", lambda case: stalled, "timed out")):
+            with self.subTest(reviewer=name):
+                self.fake.reset()
+                self.setUp()
+                self.fake.reviewer = reviewer
+                result, output = self.run_command(self.FLAGGED)
+                self.assertIn("gave no verdict (%s)" % reason, output)
+                self.assertFalse((self.work / "pushed.txt").exists(), "nothing ran without a verdict")
+
+    def own_classifier(self, severity):
+        """Claude Code's stages (2.1.331 asks for <severity> in both; older versions for <block> in
+        the second), answered the way a chatty model answers: the tag, then on and on until
+        max_tokens cuts it, a reply Claude Code itself does not accept."""
+        def answer(stage, body):
+            tag = ("<severity>%d</severity>%s" % (severity, "<category>Git Destructive</category>" if severity > 50
+                                                  else "")) if stage == "severity" else \
+                "<block>%s</block><reason>force-pushing main rewrites shared history</reason>" % (
+                    "yes" if severity > 50 else "no")
+            return Turn(None, "gpt-5.4-mini").text(tag + " Let me explain my reasoning in detail." * 4000).completed()
+        return answer
+
+    def test_4_its_own_classifier_through_the_proxy_allows_and_blocks(self):
+        command = "touch ran-7f3a.txt && git push --force origin main"
+        for severity, ran in ((5, True), (95, False)):
+            with self.subTest(severity=severity):
+                self.fake.reset()
+                self.setUp()
+                self.fake.fallback_classifier = self.own_classifier(severity)
+                _, output = self.run_command(command, CLAUDE_CODE_AUTO_MODE_SERVER="0")
+                self.assertEqual(self.fake.reviews, [], "the proxy judged nothing: Claude Code did")
+                self.assertEqual(len(self.fake.fallback_asked), 1 if ran else 2, "a high grade is looked at twice")
+                self.assertEqual((self.work / "ran-7f3a.txt").exists(), ran, output)
+                if not ran:
+                    self.assertIn("Git Destructive", output, "the category the model gave reaches Claude Code")
+
+
+TMUX = shutil.which("tmux")
+
+
+@needs(CLAUDE and TMUX, "Claude Code CLI or tmux not found: npm install @anthropic-ai/claude-code@2.1.331; "
+                        "apt-get install tmux (.ci/run does both)")
+class TestClaudeCodeAutoModeInteractive(ClaudeCodeCase):
+    """The real Claude Code, interactive in a terminal (tmux), in its default permission mode
+    (auto mode, no --dangerously-skip-permissions), as users run it: the proxy's verdicts decide
+    what runs, and the notice that the check "isn't getting through" never appears."""
+
+    settings = {"ping_interval": 1.0, "safeguard_wait": 2.0}
+    COMMAND = "touch ran-7f3a.txt && %s"
+
+    def setUp(self):
+        ClaudeCodeCase.setUp(self)
+        self.fake.catalog = FAKE_CATALOG + [REVIEWER_ENTRY]
+        self.proxy.catalog.refresh()
+
+    def interactive(self, command, done="Finished the job."):
+        """Claude Code in tmux, asked to clean up; the model runs ``command``. -> the screen."""
+        turn = self.fake.turn().text("Running it.").tool_call("Bash", {"command": command, "description": "do it"})
+        self.fake.reply(turn.completed(), self.fake.turn().text(done).completed(),
+                        self.fake.turn().text(done).completed())
+        root = Path(tempfile.mkdtemp(prefix="codex-proxy-tmux-"))
+        self.addCleanup(shutil.rmtree, str(root), True)
+        for name in ("home", "tmp", "work/build"):
+            (root / name).mkdir(parents=True)
+        self.work = root / "work"
+        (root / "home" / ".claude.json").write_text(json.dumps({   # a user who has been through onboarding
+            "hasCompletedOnboarding": True, "lastOnboardingVersion": "2.1.331", "theme": "dark",
+            "projects": {str(self.work): {"hasTrustDialogAccepted": True}}}))
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root / "home"), "TMPDIR": str(root / "tmp"),
+               "TERM": "xterm-256color", "ANTHROPIC_BASE_URL": self.proxy.url, "ANTHROPIC_AUTH_TOKEN": PROXY_KEY,
+               "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "CLAUDE_CODE_MAX_RETRIES": "1"}
+        session = "codex-proxy-%d-%s" % (os.getpid(), secrets.token_hex(3))
+        line = "env -i %s %s %s; sleep 60" % (" ".join("%s=%s" % (k, subprocess.list2cmdline([v])) for k, v in env.items()),
+                                              subprocess.list2cmdline([CLAUDE]), "'clean the build and push main'")
+        subprocess.run([TMUX, "new-session", "-d", "-s", session, "-x", "160", "-y", "50", "-c", str(self.work), line],
+                       check=True)
+        self.addCleanup(subprocess.run, [TMUX, "kill-session", "-t", session], capture_output=True)
+        screen = lambda: subprocess.run([TMUX, "capture-pane", "-p", "-t", session], capture_output=True,
+                                        text=True).stdout
+        try:
+            wait_until(lambda: done in screen() and "auto mode on" in screen(), 90, "the end of the turn")
+        except AssertionError:
+            raise AssertionError("the turn did not end; the screen:\n" + screen())
+        return screen()
+
+    def test_1_a_risky_command_the_classifier_allows_runs(self):
+        self.fake.reviewer = by_command("--force")
+        screen = self.interactive(self.COMMAND % "rm -rf ./build")
+        self.assertTrue((self.work / "ran-7f3a.txt").exists(), screen)
+        self.assertFalse((self.work / "build").exists())
+        self.assertNotIn("can't check", screen)
+        self.assertNotIn("Did not run", screen)
+        self.assertEqual(len(self.fake.reviews), 1)
+
+    def test_2_a_command_the_classifier_flags_is_blocked_and_shown_so(self):
+        self.fake.reviewer = by_command("--force")
+        command = self.COMMAND % "git push --force origin main"
+        screen = self.interactive(command)
+        self.assertFalse((self.work / "ran-7f3a.txt").exists(), screen)
+        self.assertIn("Blocked by auto mode", screen)
+        self.assertIn("judged: touch ran-7f3a.txt", screen, "the reviewer's explanation is shown")
+        self.assertNotIn("can't check", screen)
+
+    def test_3_a_classifier_that_times_out_or_answers_garbage_runs_nothing(self):
+        stalled = Reply(events=verdict("not_flagged", "late")(None), stall_after=0)
+        self.addCleanup(stalled.release.set)
+        for name, reviewer in (("garbage", lambda case: Turn(None, "codex-auto-review").text("Looks fine!").completed()),
+                               ("timeout", lambda case: stalled)):
+            with self.subTest(reviewer=name):
+                self.fake.reset()
+                self.setUp()
+                self.fake.reviewer = reviewer
+                screen = self.interactive(self.COMMAND % "git push --force origin main")
+                self.assertFalse((self.work / "ran-7f3a.txt").exists(), screen)
+                self.assertIn("Not run · auto mode's check had no usable answer", screen)
+                self.assertNotIn("can't check", screen)
+
+
+@needs(CLAUDE, "Claude Code CLI not found: npm install @anthropic-ai/claude-code@2.1.331 (or set CODEX_PROXY_CLAUDE)")
 class TestClaudeCodeWebSearch(ProxyCase):
     """Claude Code's WebSearch tool (a nested request with web_search_20250305) gets real results."""
 
@@ -5682,6 +6123,21 @@ class TestAnthropicSDK(ProxyCase):
                 a.pop("id"), b.pop("id")
                 self.assertEqual(a, b)
                 self.assertIsNotNone(created.stop_reason)
+
+    def test_safeguard_results_reach_sdk_clients_streaming_and_not(self):
+        self.fake.catalog = FAKE_CATALOG + [REVIEWER_ENTRY]
+        self.proxy.catalog.refresh()
+        self.fake.reviewer = by_command("--force")
+        body = auto_mode_body()
+        args = dict(model="claude-opus-4-8", max_tokens=1024, tools=[BASH_TOOL], messages=body["messages"],
+                    extra_body={"safeguards": body["safeguards"]})
+        upstream = self.fake.turn().tool_call("Bash", {"command": "git push --force"}, call_id="call_p").completed()
+        self.fake.reply(upstream, upstream)
+        created = self.client().messages.create(**args)
+        with self.client().messages.stream(**args) as stream:   # the SDK's snapshot keeps only known fields:
+            deltas = [e.delta.model_dump() for e in stream if e.type == "message_delta"]   # its raw event has it
+        for results in (created.model_dump()["safeguard_results"], deltas[0]["safeguard_results"]):
+            self.assertEqual(results[0]["status"]["tool_uses"]["call_p"]["outcome"], "flagged")
 
     def test_raw_sdk_events_pass_the_checklist(self):
         self.fake.reply(self.fake.turn().reasoning(["Think."]).text("Hi.").tool_call("get_weather", {"city": "X"}).completed())
