@@ -4122,6 +4122,7 @@ class TestAutoModeSafeguards(ProxyCase):
         with mock.patch.object(self.proxy.config, "verbose", True), \
                 mock.patch.object(self.proxy, "log_request_record", lambda record, line: records.append((record, line))):
             self.stream(auto_mode_body())
+            wait_until(lambda: records, what="the request's log record")   # written once the reply is out
         record, line = records[-1]
         self.assertEqual(sorted(c["outcome"] for c in record["safeguards"]), ["flagged", "not_flagged"])
         self.assertTrue(all(isinstance(c["ms"], int) for c in record["safeguards"]))
