@@ -37,8 +37,11 @@ foreign Host, any Origin not allowed, or a non-JSON body are refused (403).
 
 Configuration: flags win over the environment, which wins over defaults; the
 variables are listed by ``python codex_proxy.py --help`` and in README.md.
-Claude model names with opus/sonnet/haiku map to CODEX_PROXY_OPUS_MODEL etc.
-(gpt-5.5, gpt-5.5, gpt-5.4-mini); ``MODEL:EFFORT`` sets the reasoning effort.
+Claude model names map to CODEX_PROXY_OPUS_MODEL etc. by family (gpt-6.2-sol,
+gpt-6-sol, gpt-6-luna; fable and mythos are opus, other claude-* names sonnet);
+``MODEL:EFFORT`` sets the reasoning effort. A default the catalog says is
+retired follows its upgrade. The proxy presents Codex 0.171.0, raised per model
+to what the catalog asks.
 Outgoing calls honour HTTPS_PROXY / NO_PROXY and SSL_CERT_FILE.
 
 What the Anthropic API has and the backend lacks is emulated (stop sequences,
@@ -99,7 +102,15 @@ __version__ = "0.1.0"
 DEFAULT_UPSTREAM = "https://chatgpt.com/backend-api/codex"
 DEFAULT_ISSUER = "https://auth.openai.com"
 DEFAULT_PORT = 8082
-CODEX_CLIENT_VERSION = "0.153.0"   # the Codex CLI release whose requests we mirror
+# The newest Codex CLI release known when this file was written: the backend gates models on the
+# client's version. Raised per model to the catalog's minimal_client_version when that is higher.
+CODEX_CLIENT_VERSION = "0.171.0"
+PROBE_VERSION = "999.0.0"          # asks the catalog what a model needs, when ours does not list it
+VERSION_RE = re.compile(r"\d{1,4}\.\d{1,4}\.\d{1,4}\Z")
+# Claude Code's model names -> the family whose Codex model serves them. A name containing one
+# of these words goes there; any other claude-* name (and `default`) goes to "sonnet".
+FAMILIES = {"opus": "opus", "sonnet": "sonnet", "haiku": "haiku", "fable": "opus", "mythos": "opus"}
+DEFAULT_MODELS = {"opus": "gpt-6.2-sol", "sonnet": "gpt-6-sol", "haiku": "gpt-6-luna"}
 ORIGINATOR = "codex_cli_rs"
 SAFEGUARD_WAIT = 30.0              # seconds a reply waits for auto mode's verdicts, at most
 DEFAULT_CONTEXT_WINDOW = 272000    # every current Codex model (catalog 2026-08)
@@ -120,11 +131,13 @@ class Config:
         self.issuer = (env.get("CODEX_PROXY_ISSUER") or DEFAULT_ISSUER).rstrip("/")
         self.codex_home = Path(env.get("CODEX_HOME") or "~/.codex").expanduser()
         self.callback_ports = self.CALLBACK_PORTS
-        self.models = {
-            "opus": env.get("CODEX_PROXY_OPUS_MODEL") or "gpt-5.5",
-            "sonnet": env.get("CODEX_PROXY_SONNET_MODEL") or "gpt-5.5",
-            "haiku": env.get("CODEX_PROXY_HAIKU_MODEL") or "gpt-5.4-mini",
-        }
+        self.models = {family: env.get("CODEX_PROXY_%s_MODEL" % family.upper()) or model
+                       for family, model in DEFAULT_MODELS.items()}
+        self.models.update(model_map(env.get("CODEX_PROXY_MODELS") or ""))
+        self.client_version = env.get("CODEX_PROXY_CLIENT_VERSION") or CODEX_CLIENT_VERSION
+        if not VERSION_RE.match(self.client_version):
+            raise SystemExit("CODEX_PROXY_CLIENT_VERSION must be a Codex CLI version such as %s, not %r."
+                             % (CODEX_CLIENT_VERSION, self.client_version[:40]))
         origins = env.get("CODEX_PROXY_ALLOWED_ORIGINS") or ""
         self.allowed_origins = [o.strip().rstrip("/") for o in origins.split(",") if o.strip()]
         hosts = env.get("CODEX_PROXY_ALLOWED_HOSTS") or ""
@@ -190,6 +203,19 @@ class Config:
             raise SystemExit("Cannot save a proxy key in %s (%s). Make CODEX_PROXY_HOME a folder you can "
                              "write, or set CODEX_PROXY_API_KEY." % (path, describe(exc)))
         return key
+
+
+def model_map(text):
+    """CODEX_PROXY_MODELS, "fable=gpt-6.2-sol,haiku=gpt-6-luna:low": a family (a word in Claude's
+    model names) -> the Codex model that serves it."""
+    mapping = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        family, sep, model = pair.partition("=")
+        if not sep or not re.match(r"[a-z][a-z0-9-]{0,30}\Z", family.strip().lower()) or not model.strip():
+            raise SystemExit("CODEX_PROXY_MODELS takes FAMILY=MODEL pairs separated by commas, such as "
+                             "\"fable=gpt-6.2-sol,haiku=gpt-6-luna:low\" (got %r)." % pair[:60])
+        mapping[family.strip().lower()] = model.strip()
+    return mapping
 
 
 KEY_RE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,4094}[\x21-\x7e])?\Z")   # what a header line can carry
@@ -1642,16 +1668,20 @@ def describe_quota(quota):
 
 EFFORT_LADDER = ("none", "minimal", "low", "medium", "high", "xhigh", "max", "ultra")
 CLASSIC_EFFORTS = ("low", "medium", "high", "xhigh")
-# What the proxy knows without the live catalog (bundled Codex catalog, 2026-08, plus gpt-6-astra):
+# What the proxy knows without the live catalog (the catalog the Codex CLI 0.171 bundles, 2026-12):
 # slug -> (efforts, uses Responses Lite, context window)
 BUILTIN_MODELS = {
-    "gpt-5.5": (CLASSIC_EFFORTS, False, 272000),
-    "gpt-5.4": (CLASSIC_EFFORTS, False, 272000),
-    "gpt-5.4-mini": (CLASSIC_EFFORTS, False, 272000),
+    "gpt-6.2-sol": (CLASSIC_EFFORTS + ("max", "ultra"), True, 500000),
+    "gpt-6.2-astra": (CLASSIC_EFFORTS + ("max", "ultra"), True, 272000),
+    "gpt-6.1-sol": (CLASSIC_EFFORTS + ("max", "ultra"), True, 500000),
+    "gpt-6.1-terra": (CLASSIC_EFFORTS + ("max", "ultra"), True, 500000),
+    "gpt-6-sol": (CLASSIC_EFFORTS + ("max", "ultra"), True, 272000),
+    "gpt-6-luna": (CLASSIC_EFFORTS + ("max",), True, 272000),
+    "gpt-6-astra": (CLASSIC_EFFORTS + ("max", "ultra"), True, 272000),
     "gpt-5.6-sol": (CLASSIC_EFFORTS + ("max", "ultra"), True, 272000),
     "gpt-5.6-terra": (CLASSIC_EFFORTS + ("max", "ultra"), True, 272000),
     "gpt-5.6-luna": (CLASSIC_EFFORTS + ("max",), True, 272000),
-    "gpt-6-astra": (CLASSIC_EFFORTS + ("max", "ultra"), True, 272000),
+    "gpt-5.5": (CLASSIC_EFFORTS, False, 272000),
 }
 BILLING_HEADER = "x-anthropic-billing-header:"   # changes every request; kills prompt caching
 SIGNATURE_PREFIX = "cxp1:"
@@ -1678,6 +1708,8 @@ class RequestContext:
         self.models = models                     # the models this account can use, as far as known
         self.account_tag = account_tag           # put in thinking signatures (Account.tag)
         self.continues_turn = False              # the input ends with a tool result: a tool loop goes on
+        self.client_version = CODEX_CLIENT_VERSION   # sent as `version` and in the User-Agent
+        self.remapped = None                     # (configured model, the one serving, why) of a stale default
 
 
 def translate_request(body, headers, config, catalog=None, downgrades=None, recall=None, account=None):
@@ -1692,7 +1724,11 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
     """
     requested, messages = checked_request(body)
     headers = {str(k).lower(): v for k, v in dict(headers or {}).items()}
-    model, suffix_effort = resolve_model(requested, config.models)
+    model, suffix_effort, family = resolve_model(requested, config.models)
+    remapped = None
+    if family is not None:   # a default that went stale follows the catalog, never fails the request
+        model, why = current_model(model, catalog)
+        remapped = (split_effort(config.models[family])[0], model, why) if why else None
     refuse_unsupported(body)
     state = Conversation(model, recall, account.tag if account else "")
     items, tools = translate_input(body, messages, state)
@@ -1705,6 +1741,7 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
     if lite:
         make_lite(codex)
     context = request_context(body, codex, requested, state, thinking, catalog, config, lite, account)
+    context.remapped = remapped
     for rule in rules:
         apply_downgrade(codex, context, rule)
     return codex, context
@@ -1777,8 +1814,9 @@ def request_context(body, codex, requested, state, thinking, catalog, config, li
     reverse = {codex_name: name for name, codex_name in state.names.items()}
     window = model_profile(codex["model"], catalog)[2]
     context = RequestContext(requested, codex["model"], reverse, thinking, stops, codex["prompt_cache_key"],
-                             window or config.context_window, lite, sorted(catalog or BUILTIN_MODELS),
+                             window or config.context_window, lite, usable_models(catalog),
                              account.tag if account else "")
+    context.client_version = client_version_for(codex["model"], catalog, config.client_version)
     limit = body.get("max_tokens")
     context.max_tokens = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0 else None
     items = codex["input"]
@@ -1939,18 +1977,89 @@ def make_lite(codex):
 def resolve_model(requested, models):
     """Client model name -> (Codex model, effort or None).
 
-    Names with opus/sonnet/haiku map to the configured models; others pass
-    through. A ``:EFFORT`` suffix on either side sets the effort; ``[1m]``-style
-    context hints are dropped.
+    Claude's names map to the configured model of their family (model_family);
+    Codex names pass through. A ``:EFFORT`` suffix on either side sets the
+    effort; ``[1m]``-style context hints are dropped. -> (model, effort, family or None)
     """
     name, effort = split_effort(requested.strip())
     name = re.sub(r"\[[^\]]*\]\Z", "", name)
-    for family in ("opus", "sonnet", "haiku"):
-        if family in name.lower():
-            name, mapped_effort = split_effort(models[family])
-            effort = effort or mapped_effort
+    family = model_family(name, models)
+    if family is not None:
+        name, mapped_effort = split_effort(models[family])
+        effort = effort or mapped_effort
+    return name, effort, family
+
+
+def model_family(name, models):
+    """The family of a client's model name: a family named in it (the configured ones first,
+    then FAMILIES), "sonnet" for any other claude-* name and Claude Code's aliases; None for
+    a Codex model name."""
+    lower = name.lower()
+    for family in models:
+        if family in lower:
+            return family
+    for word, family in FAMILIES.items():
+        if word in lower:
+            return family
+    if lower.startswith("claude") or lower in ("default", "best"):
+        return "sonnet"
+    return None
+
+
+def upgrade_of(entry):
+    """The model a catalog entry says replaces it, or None."""
+    if not isinstance(entry, dict):
+        return None
+    upgrade = entry.get("upgrade") or entry.get("upgrade_to")
+    if isinstance(upgrade, dict):
+        upgrade = upgrade.get("model")
+    return upgrade if isinstance(upgrade, str) and upgrade else None
+
+
+def model_size(slug):
+    return "small" if re.search(r"luna|mini|nano", slug) else "mid" if "terra" in slug else "large"
+
+
+def current_model(slug, catalog):
+    """A mapped model the catalog says is retired (hidden, with an upgrade) or does not offer ->
+    (the model it upgrades to, else a listed one of the same size; why). (slug, None) when the
+    model is fine, or when nothing better is known."""
+    if not catalog:
+        return slug, None
+    current, seen = slug, set()
+    while current is not None:
+        entry = catalog.get(current)
+        if isinstance(entry, dict) and (entry.get("visibility") != "hide" or not upgrade_of(entry)):
             break
-    return name, effort
+        seen.add(current)
+        current = upgrade_of(entry)
+        current = None if current in seen else current
+    if current is None:
+        size = model_size(slug)
+        current = next((name for name, entry in catalog.items() if isinstance(entry, dict) and
+                        entry.get("visibility") != "hide" and model_size(name) == size), None)
+    if current is None or current == slug:
+        return slug, None
+    return current, "retired" if slug in catalog else "not offered to this account"
+
+
+def usable_models(catalog):
+    """The models a client may name: the catalog's listed ones (the built-in table before it is known)."""
+    if not catalog:
+        return list(BUILTIN_MODELS)
+    return [name for name, entry in catalog.items() if isinstance(entry, dict) and entry.get("visibility") != "hide"]
+
+
+def version_tuple(version):
+    return tuple(int(part) for part in version.split(".")) if isinstance(version, str) and VERSION_RE.match(version) \
+        else (0, 0, 0)
+
+
+def client_version_for(model, catalog, pinned):
+    """The client version to send for ``model``: the pinned one, or the model's catalog floor."""
+    entry = (catalog or {}).get(model)
+    floor = entry.get("minimal_client_version") if isinstance(entry, dict) else None
+    return floor if version_tuple(floor) > version_tuple(pinned) else pinned
 
 
 def split_effort(name):
@@ -2656,6 +2765,23 @@ def apply_downgrade(codex, context, rule):
     elif rule == "lite" and context.lite:
         make_classic(codex)
         context.lite = False
+
+
+def switch_model(codex, context, model, catalog, config):
+    """Send ``codex`` (in place) to another model: its shape (Lite or classic), effort,
+    window and client version follow."""
+    efforts, lite, window = model_profile(model, catalog)
+    lite = lite and config.responses_lite and context.lite is not None and \
+        not any(t.get("type") != "function" for t in codex.get("tools") or [])
+    if context.lite and not lite:
+        make_classic(codex)
+    elif lite and not context.lite:
+        make_lite(codex)
+    codex["model"] = model
+    codex["reasoning"]["effort"] = clamp_effort(codex["reasoning"]["effort"], efforts)
+    context.model, context.lite = model, lite
+    context.context_window = window or config.context_window
+    context.client_version = client_version_for(model, catalog, config.client_version)
 
 
 def unsent_file(part):
@@ -3552,15 +3678,18 @@ class CodexClient:
         self._finishing = 0   # streams whose reply is complete, about to hand their connection back
         self.turn_states = collections.OrderedDict()   # prompt cache key -> x-codex-turn-state
 
-    def auth_headers(self, force_refresh=False, store=None):
+    def auth_headers(self, force_refresh=False, store=None, version=None):
+        """The login's headers; ``version`` (the model's, client_version_for) goes in `version`
+        and in the User-Agent's product token, which the backend both reads."""
         access, chatgpt_account_id = (store or self.tokens).credentials(force_refresh)
+        version = version or self.config.client_version
         headers = {
             "Authorization": "Bearer " + access,
             "originator": ORIGINATOR,
             "User-Agent": "%s/%s (%s %s; %s) codex-proxy/%s" % (
-                ORIGINATOR, CODEX_CLIENT_VERSION, platform.system() or "Unknown",
+                ORIGINATOR, version, platform.system() or "Unknown",
                 platform.release() or "0", platform.machine() or "unknown", __version__),
-            "version": CODEX_CLIENT_VERSION,
+            "version": version,
         }
         if chatgpt_account_id:
             headers["ChatGPT-Account-ID"] = chatgpt_account_id
@@ -3580,7 +3709,8 @@ class CodexClient:
         state = self.turn_states.get(context.cache_key) if context.continues_turn else None
         if state:
             extra[TURN_STATE_HEADER] = state
-        conn, response = self._request("POST", self.base + "/responses", payload, extra, store, estimate)
+        conn, response = self._request("POST", self.base + "/responses", payload, extra, store, estimate,
+                                       context.client_version)
         if response.status == 200:
             self._keep_turn_state(context.cache_key, response.getheader(TURN_STATE_HEADER))
             return CodexStream(self, conn, response)
@@ -3608,15 +3738,15 @@ class CodexClient:
         self._finish(conn, response)
         return doc, response.headers
 
-    def _request(self, method, path, payload, extra, store=None, while_waiting=None):
+    def _request(self, method, path, payload, extra, store=None, while_waiting=None, version=None):
         """Send with the login's headers; a 401 gets one token refresh and one more try.
         ``while_waiting()`` runs once the request is sent, before the answer is read."""
-        conn, response = self._send(method, path, payload, dict(self.auth_headers(False, store), **extra),
+        conn, response = self._send(method, path, payload, dict(self.auth_headers(False, store, version), **extra),
                                     while_waiting)
         if response.status == 401:
             drain(response)
             self._finish(conn, response)
-            conn, response = self._send(method, path, payload, dict(self.auth_headers(True, store), **extra))
+            conn, response = self._send(method, path, payload, dict(self.auth_headers(True, store, version), **extra))
         return conn, response
 
     def _failure(self, conn, response, context, estimate=None):
@@ -3843,6 +3973,7 @@ class ModelCatalog:
         self._loaded = False   # the disk copy is read once; afterwards memory is newer
         self._fetched = 0.0
         self._refreshing = threading.Lock()
+        self._probed = {}      # entries only a newer client is shown (floor_of), kept beside the catalog
 
     def current(self):
         if not self._loaded:
@@ -3854,12 +3985,28 @@ class ModelCatalog:
 
     def refresh(self):
         """Fetch now (raises ProxyError or UpstreamBroken); return slug -> entry."""
-        doc, _ = self.client.get_json(self.client.base + "/models?client_version=" + CODEX_CLIENT_VERSION)
-        models = {m["slug"]: m for m in doc.get("models") or [] if isinstance(m, dict) and isinstance(m.get("slug"), str)}
+        models = self._fetch(self.client.config.client_version)
+        models.update({slug: entry for slug, entry in self._probed.items() if slug not in models})
         self._models, self._fetched = models, time.time()
         save_state_file(self.path, json.dumps({"fetched_at": int(self._fetched), "models": list(models.values())}),
                         "the model list is fetched again at each start")
         return models
+
+    def _fetch(self, version):
+        doc, _ = self.client.get_json(self.client.base + "/models?client_version=" + version)
+        return {m["slug"]: m for m in doc.get("models") or [] if isinstance(m, dict) and isinstance(m.get("slug"), str)}
+
+    def floor_of(self, model):
+        """The client version the backend serves ``model`` to (None: not known), from a fresh
+        catalog; when that does not list the model, from the catalog a newer client sees, whose
+        entry is then kept (the model becomes reachable, with its floor sent)."""
+        entry = self.refresh().get(model)
+        if entry is None:
+            entry = self._fetch(PROBE_VERSION).get(model)
+            if entry is not None:
+                self._probed[model] = entry
+                self.refresh()
+        return entry.get("minimal_client_version") if isinstance(entry, dict) else None
 
     def _refresh_quietly(self):
         try:
@@ -3907,6 +4054,7 @@ def upstream_error_fields(body):
 # model; "Unsupported parameter: 'tool_choice' is not supported with this model." names a parameter.
 MODEL_REFUSED_RE = re.compile(r"(?i)not supported when using Codex with a ChatGPT account|"
                               r"\bmodel\b.{0,80}?\b(is not supported|does not exist|not found)")
+NEWER_CLIENT_RE = re.compile(r"(?i)requires a newer version of Codex")
 RETRY_IN_RE = re.compile(r"(?i)try again in\s*(\d+(?:\.\d+)?)\s*(ms|s|seconds?)\b")   # as Codex reads it
 
 
@@ -3961,6 +4109,9 @@ CODEX_FAILURES = {
     "model_refused": (400, "invalid_request_error", "The model {model!r} is not available with this ChatGPT "
                       "account ({message}). Models it can use: {models}. Pick one with CODEX_PROXY_OPUS_MODEL "
                       "(and _SONNET_, _HAIKU_) or MODEL:EFFORT.", FINAL, None),
+    "client_too_old": (400, "invalid_request_error", "The Codex backend serves {model!r} only to a newer Codex "
+                       "client than the proxy presents ({version}): {message} Set CODEX_PROXY_CLIENT_VERSION to "
+                       "the newest Codex CLI release (`npm view @openai/codex version`) and restart.", FINAL, None),
     "forbidden": (403, "permission_error", "The Codex backend refused the request (403): {message}", CLIENT, None),
     "server_error": (529, "overloaded_error", "The Codex backend failed (HTTP {status}): {message}", RETRY, None),
     "request_refused": (400, "invalid_request_error", "The Codex backend rejected the request (HTTP {status}): "
@@ -3997,6 +4148,7 @@ def codex_failure(kind, message="", error=None, headers=None, context=None, esti
         fill = message or FAILURE_DEFAULTS.get(kind) or FAILURE_DEFAULTS["message"]
         text = text.format(code=error.get("code") or kind, message=fill, status=status,
                            model=context.model if context else "?",
+                           version=context.client_version if context else CODEX_CLIENT_VERSION,
                            models=", ".join(context.models) if context and context.models
                            else "see `python codex_proxy.py models`")
     return CodexFailure(ProxyError(status_out, error_type, text, out), error.get("code") or kind,
@@ -4009,6 +4161,8 @@ def upstream_http_error(status, body, headers, context, estimate=None):
     error = dict(error, code=code)
     if status == 401:
         return codex_failure("login_refused", message or "401")
+    if status == 400 and NEWER_CLIENT_RE.search(message):
+        return codex_failure("client_too_old", message, context=context)
     if status == 400 and not REFUSED_PART_RE.search(message) and MODEL_REFUSED_RE.search(message):
         return codex_failure("model_refused", message, context=context)
     if code in BACKEND_CODES:
@@ -4311,12 +4465,15 @@ def in_form(message, form):
 def recovery(failure, seen_bytes, retries, downgraded, max_retries, base_delay):
     """What the relay does after a failed attempt, one row per outcome:
     ("downgrade", (rule, learn)) sends the turn again without a refused part,
+    ("recheck", None) asks the catalog again about the model (its client floor, its upgrade),
     ("move", None) sends it to another login, ("retry", seconds) sends it again
     after that backoff, ("answer", None) tells the client."""
     if seen_bytes:
         return "answer", None                     # too late for anything but saying so
     if failure.downgrade and failure.downgrade[0] not in downgraded:
         return "downgrade", failure.downgrade     # each rule once: never a loop
+    if failure.code in ("client_too_old", "model_refused") and "model" not in downgraded:
+        return "recheck", None                    # the catalog may know a newer client or model: once
     if failure.rest is not None:
         return "move", None                       # this login cannot serve for now
     if failure.retryable and retries < max_retries:
@@ -4392,6 +4549,8 @@ class Relay:
             note.update(model=self.context.requested_model, upstream_model=self.context.model,
                         effort=codex["reasoning"]["effort"], stream=self.stream)
         self._set_payload(codex)
+        if self.context.remapped:
+            self._note_remap(self.context.remapped)
         request = safeguard_request(body)
         if request is not None:
             self.safeguards = SafeguardCheck(server, request, self.context.cache_key, note) \
@@ -4455,6 +4614,10 @@ class Relay:
                 if action == "downgrade":
                     downgraded.add(detail[0])
                     self._downgrade(*detail)
+                elif action == "recheck":
+                    downgraded.add("model")
+                    if not self._recheck():
+                        return self.writer.reply_error(failure.error)
                 elif action == "move" and self._move(failure):
                     continue
                 elif action == "retry":
@@ -4583,6 +4746,46 @@ class Relay:
                                "until the proxy stops (it could not be saved)", DOWNGRADES[rule]))
         self._set_payload(codex)
 
+    def _recheck(self):
+        """The backend refused the model (it wants a newer client, or does not serve it): ask
+        the catalog again, as a newer client if need be. A higher floor is sent from now on;
+        a stale default moves to what the catalog names instead. -> whether to send again."""
+        server, context = self.server, self.context
+        try:
+            floor = server.catalog.floor_of(context.model)
+        except (ProxyError, CodexFailure, UpstreamBroken, OSError):
+            return False
+        if version_tuple(floor) > version_tuple(context.client_version):
+            self._say_once(("version", context.model, floor), "the Codex backend serves %s to Codex %s and newer; "
+                           "the proxy now presents that version for it." % (context.model, floor))
+            context.client_version = floor
+            return True
+        catalog = server.catalog.current()
+        if model_family(context.requested_model, server.config.models) is None:
+            return False
+        model, why = current_model(context.model, catalog)
+        if why is None:
+            return False
+        codex, old = json.loads(self.payload), context.model
+        switch_model(codex, context, model, catalog, server.config)
+        self._note_remap((old, model, why))
+        self._set_payload(codex)
+        return True
+
+    def _note_remap(self, remapped):
+        old, new, why = remapped
+        if self.writer.note is not None:
+            self.writer.note["remapped"] = "%s>%s" % (old, new)
+        self._say_once(("remap", old, new), "the model %s is %s; requests mapped to it go to %s, as the catalog "
+                       "says. (CODEX_PROXY_OPUS_MODEL, _SONNET_, _HAIKU_ or CODEX_PROXY_MODELS choose another.)"
+                       % (old, why, new))
+
+    def _say_once(self, key, text):
+        said = self.server.said
+        if key not in said:
+            said.add(key)
+            self.writer.log(text)
+
     def _move(self, failure):
         """The login cannot serve (exhausted, refused) for ``failure.rest`` seconds: rest it
         and move the turn to another, without its reasoning (bound to the login).
@@ -4689,6 +4892,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.threads = ThreadStore()
         self.reasoning = ReasoningCache()
         self.written_tools = WrittenTools()
+        self.said = set()                   # what the console was told once (model remaps, client floors)
         self.keeper = Keeper(self)
         self.proxy_key = config.proxy_key()
         self.stopping = threading.Event()   # set on shutdown once running replies had their grace time
@@ -5179,6 +5383,8 @@ def request_log_line(record):
         line += " " + record["stop_reason"]
     if record.get("downgraded"):
         line += " downgraded=" + ",".join(record["downgraded"])
+    if record.get("remapped"):
+        line += " remapped=" + record["remapped"]
     for check in record.get("safeguards") or ():   # auto mode's verdicts, one per tool call
         line += " check=%s:%s/%sms" % (check["tool_use_id"], check.get("outcome") or check.get("reason"), check["ms"])
     if record.get("error"):
@@ -5505,11 +5711,10 @@ def model_list(mapping, catalog):
     """/v1/models: the claude-* aliases this proxy maps, then the account's Codex models."""
     out = []
     for alias, family in MODEL_ALIASES:
-        target = split_effort(mapping[family])[0]
+        target = current_model(split_effort(mapping[family])[0], catalog)[0]
         window = model_profile(target, catalog)[2]
-        out.append(model_entry(alias, "%s (Codex %s)" % (family.title(), mapping[family]), window))
-    slugs = list(catalog) or list(BUILTIN_MODELS)
-    for slug in slugs + [split_effort(m)[0] for m in mapping.values()]:
+        out.append(model_entry(alias, "%s (Codex %s)" % (family.title(), target), window))
+    for slug in usable_models(catalog):   # listed: what the account can use (hidden ones are not chat models)
         if slug not in [m["id"] for m in out]:
             entry = catalog.get(slug) or {}
             name = entry.get("display_name") or slug.replace("gpt-", "GPT-")
@@ -5633,7 +5838,7 @@ def start_banner(server):
     lines = ["codex-proxy %s listening on %s" % (__version__, server.url)]
     lines += login_lines(server.accounts) or [
         "Not logged in yet: run `python codex_proxy.py login` before the first request."]
-    lines.append("Models: " + ", ".join("%s -> %s" % item for item in sorted(config.models.items())))
+    lines.append("Models: " + ", ".join(mapping_lines(config.models, server.catalog.current())))
     if server.codex.proxy:
         lines.append(outbound_summary(config))
     if config.verbose or config.log_file:
@@ -5644,6 +5849,17 @@ def start_banner(server):
     lines.append("\nThen run `claude`. (Or skip all this: `python codex_proxy.py claude` starts a proxy and "
                  "Claude Code together.)")
     return lines
+
+
+def mapping_lines(models, catalog):
+    """"family -> model" for each family, saying where a stale default is followed instead."""
+    out = []
+    for family, model in sorted(models.items()):
+        slug, effort = split_effort(model)
+        current, why = current_model(slug, catalog)
+        out.append("%s -> %s" % (family, model) if why is None else
+                   "%s -> %s%s (%s is %s)" % (family, current, ":" + effort if effort else "", slug, why))
+    return out
 
 
 def login_lines(pool):
@@ -5810,16 +6026,15 @@ def cmd_models(args):
     finally:
         client.close_idle()
     if args.json:
-        print(json.dumps([model_summary(slug, models) for slug in (models or BUILTIN_MODELS)], indent=2))
+        print(json.dumps([model_summary(slug, models) for slug in usable_models(models)], indent=2))
         return 0
     print("%-16s %-9s %-34s %-8s %s" % ("MODEL", "CONTEXT", "EFFORTS", "DEFAULT", "SHAPE"))
-    for slug in models or BUILTIN_MODELS:
+    for slug in usable_models(models):
         info = model_summary(slug, models)
         print("%-16s %-9s %-34s %-8s %s" % (slug, "%dk" % (info["context_window"] // 1000),
                                            ", ".join(info["efforts"]), info["default_effort"] or "-",
                                            "lite" if info["responses_lite"] else "classic"))
-    mapping = ", ".join("%s -> %s" % item for item in sorted(config.models.items()))
-    print("\nClaude model names map as: %s (CODEX_PROXY_*_MODEL)." % mapping)
+    print("\nClaude model names map as: %s (CODEX_PROXY_*_MODEL)." % ", ".join(mapping_lines(config.models, models)))
     return 0
 
 
@@ -5991,11 +6206,14 @@ class Doctor:
         finally:
             client.close_idle()
         if catalog is not None:
-            for family in ("opus", "sonnet", "haiku"):
+            for family in sorted(config.models):
                 slug = split_effort(config.models[family])[0]
-                self.check(slug in catalog, "%s -> %s %s" % (family, slug, "is available" if slug in catalog else
-                                                              "is not available on this plan"),
-                           "set CODEX_PROXY_%s_MODEL to one of: %s" % (family.upper(), ", ".join(sorted(catalog))))
+                current, why = current_model(slug, catalog)
+                usable = current in catalog
+                self.check(usable, "%s -> %s %s" % (family, slug, "is available" if usable and why is None else
+                                                    "is %s; %s serves it" % (why, current) if usable else
+                                                    "is not available on this plan"),
+                           "set CODEX_PROXY_%s_MODEL to one of: %s" % (family.upper(), ", ".join(usable_models(catalog))))
         self.learned_downgrades()
         self.live_checks()
         return self.failures
@@ -6090,7 +6308,9 @@ ENVIRONMENT_HELP = """environment (flags win over these, these over defaults):
   CODEX_PROXY_ISSUER                     OAuth issuer (https://auth.openai.com)
   CODEX_HOME                             the Codex CLI's folder, whose auth.json is shared (~/.codex)
   CODEX_PROXY_OPUS_MODEL, CODEX_PROXY_SONNET_MODEL, CODEX_PROXY_HAIKU_MODEL
-                                         Codex models for Claude model names (gpt-5.5, gpt-5.5, gpt-5.4-mini)
+                                         Codex models for Claude model names (gpt-6.2-sol, gpt-6-sol, gpt-6-luna)
+  CODEX_PROXY_MODELS                     FAMILY=MODEL pairs, e.g. fable=gpt-6.2-sol (none)
+  CODEX_PROXY_CLIENT_VERSION             the Codex CLI version presented to the backend (0.171.0)
   CODEX_PROXY_RESPONSES_LITE             off: the classic request shape for the newest models (on)
   CODEX_PROXY_ALLOWED_HOSTS, CODEX_PROXY_ALLOWED_ORIGINS
                                          extra Host names and browser Origins to accept (none)

@@ -33,7 +33,7 @@ Stream translation (the reducer, pure) and web search
 
 Upstream client: the failure table, errors, timeouts, faults, the model catalog
     TestUpstreamFailureTable, TestUpstreamErrors, TestUpstreamTimeouts,
-    TestUpstreamUnreachable, TestUpstreamFaults, TestModelCatalog
+    TestUpstreamUnreachable, TestUpstreamFaults, TestModelsFollowTheBackend, TestModelCatalog
 
 Safeguards: auto mode's check of each tool call, Claude Code's own classifier
     TestAutoModeSafeguards, TestAutoModeSafeguardsOff, TestClaudeCodesOwnClassifier
@@ -144,16 +144,53 @@ REFRESH_REUSED_BODY = {"error": {"message": "Your refresh token has already been
                                  "type": "invalid_request_error", "param": None, "code": "refresh_token_reused"}}
 
 
-FAKE_CATALOG = load_catalog()
-# The reviewer the Codex CLI 0.171 ships in its catalog (hidden): the backend serves it; tests
-# that want the proxy to find it add it to the catalog the fake lists.
-REVIEWER_ENTRY = dict(CATALOG_ENTRY, slug="codex-auto-review", display_name="codex-auto-review", visibility="hide",
-                      use_responses_lite=True, default_reasoning_level="medium", minimal_client_version="0.98.0",
-                      supported_reasoning_levels=[{"effort": e} for e in ("low", "medium", "high")],
-                      description="Automatic approval review model for Codex")
-FAKE_MODELS = {m["slug"]: tuple(level["effort"] for level in m["supported_reasoning_levels"])
-               for m in FAKE_CATALOG + [REVIEWER_ENTRY]}
-FAKE_LITE = {m["slug"] for m in FAKE_CATALOG + [REVIEWER_ENTRY] if m.get("use_responses_lite")}
+AUGUST_CATALOG = load_catalog()
+
+
+# The catalog of 2026-12 (the one the Codex CLI 0.171 bundles; read from ../shared/fixtures when it is
+# there): (slug, visibility, minimal_client_version, Lite, context window, default effort, efforts, upgrade).
+SIX = FOUR + ("max", "ultra")
+DECEMBER_MODELS = (
+    ("gpt-6.2-sol", "list", "0.166.0", True, 500000, "low", SIX, None),
+    ("gpt-6.2-astra", "list", "0.166.0", True, 272000, "low", SIX, None),
+    ("gpt-6-astra", "list", "0.153.0", True, 272000, "low", SIX, None),
+    ("gpt-6.1-sol", "list", "0.153.0", True, 500000, "low", SIX, None),
+    ("gpt-6.1-terra", "list", "0.153.0", True, 500000, "low", SIX, None),
+    ("gpt-6-sol", "list", "0.155.0", True, 272000, "medium", SIX, None),
+    ("gpt-6-luna", "list", "0.155.0", True, 272000, "medium", FOUR + ("max",), None),
+    ("gpt-5.6-sol", "list", "0.144.0", True, 272000, "low", SIX, "gpt-6-sol"),
+    ("gpt-5.6-terra", "list", "0.144.0", True, 272000, "medium", SIX, "gpt-6-sol"),
+    ("gpt-5.6-luna", "list", "0.144.0", True, 272000, "medium", FOUR + ("max",), "gpt-6-luna"),
+    ("gpt-daybreak-blue-latest", "hide", "0.144.0", True, 272000, "low", SIX, None),
+    ("gpt-daybreak-red-latest", "hide", "0.142.2", True, 372000, "medium", SIX, None),
+    ("gpt-5.5", "list", "0.124.0", False, 272000, "medium", FOUR, "gpt-6-sol"),
+    ("codex-auto-review", "hide", "0.98.0", True, 272000, "medium", FOUR + ("max",), None),
+)
+
+
+def load_december_catalog():
+    """The 2026-12 catalog as GET /models answers it (from the Codex CLI 0.171's bundled one)."""
+    path = FIXTURES / "codex-cli-0.171" / "bundled-catalog-0.171.0-summary.json"
+    rows = [(m["slug"], m["visibility"], m["minimal_client_version"], m["use_responses_lite"], m["context_window"],
+             m["default_reasoning_level"], tuple(m["efforts"]), m.get("upgrade_to"))
+            for m in json.loads(path.read_text())["models"]] if path.exists() else DECEMBER_MODELS
+    title = lambda slug: "-".join(part.upper() if part == "gpt" else part.capitalize() if part.isalpha() else part
+                                  for part in slug.split("-"))   # gpt-6.2-sol -> GPT-6.2-Sol
+    return [dict(CATALOG_ENTRY, slug=slug, display_name=title(slug), visibility=visibility,
+                 minimal_client_version=floor, use_responses_lite=lite, context_window=window,
+                 max_context_window=max(window, 872000 if lite else window), default_reasoning_level=default,
+                 default_verbosity="low", supports_reasoning_summary_parameter=True, service_tiers=["priority"],
+                 supported_reasoning_levels=[{"effort": e} for e in efforts],
+                 upgrade={"model": upgrade} if upgrade else None)
+            for slug, visibility, floor, lite, window, default, efforts, upgrade in rows]
+
+
+FAKE_CATALOG = load_december_catalog()   # what the backend offers a Plus account today
+KNOWN_MODELS = {m["slug"]: m for m in FAKE_CATALOG}   # what the backend serves (FakeCodex.serve adds more)
+
+
+def version_key(version):
+    return tuple(int(p) for p in version.split(".")) if re.match(r"\d+\.\d+\.\d+\Z", version or "") else (0, 0, 0)
 PART_TYPES = {"user": {"input_text", "input_image", "input_file"},
               "developer": {"input_text"}, "system": {"input_text"},
               "assistant": {"output_text", "refusal"}}
@@ -185,12 +222,14 @@ def review_case(body):
     return None
 
 
-def codex_request_problem(body, issued, lite=False):
+def codex_request_problem(body, issued, lite=False, known=None):
     """What the real backend would refuse in this body: (status, detail) or None.
 
     Rules from codex-backend.md §6.4-§6.7; the messages are the real ones where
     they are known. ``lite``: the request carried the Responses Lite header.
+    ``known``: slug -> catalog entry of the models served (KNOWN_MODELS).
     """
+    known = KNOWN_MODELS if known is None else known
     if not isinstance(body, dict):
         return 400, "Invalid body"
     for name in FORBIDDEN_FIELDS:
@@ -203,7 +242,7 @@ def codex_request_problem(body, issued, lite=False):
     if not isinstance(body.get("input"), list):
         return 400, "Input must be a list"
     if lite:
-        problem = lite_problem(body)
+        problem = lite_problem(body, known)
         if problem:
             return 400, problem
         spaces = body["input"][0]["tools"]
@@ -211,12 +250,12 @@ def codex_request_problem(body, issued, lite=False):
     elif not isinstance(body.get("instructions"), str):
         return 400, "Instructions are required"
     model = body.get("model")
-    if model not in FAKE_MODELS:
+    if model not in known:   # retired ones too (gpt-5.4-mini since 2026-08-31): the same words
         return 400, "The '%s' model is not supported when using Codex with a ChatGPT account." % model
     if body.get("include") != ["reasoning.encrypted_content"]:
         return 400, "include must ask for reasoning.encrypted_content"
     reasoning = body.get("reasoning")
-    if not isinstance(reasoning, dict) or reasoning.get("effort") not in FAKE_MODELS[model]:
+    if not isinstance(reasoning, dict) or reasoning.get("effort") not in efforts_of(known[model]):
         return 400, "Unsupported value: reasoning.effort %r" % (reasoning,)
     if reasoning.get("summary") not in (None, "auto", "concise", "detailed"):
         return 400, "Unsupported value: reasoning.summary"
@@ -300,9 +339,28 @@ def codex_request_problem(body, issued, lite=False):
     return None
 
 
-def lite_problem(body):
+def efforts_of(entry):
+    return tuple(level["effort"] for level in entry["supported_reasoning_levels"])
+
+
+def version_problem(model, headers, known):
+    """A model served only from a client version above the one the request presents (its
+    `version` header and the User-Agent's product token, the lower of the two): the backend's
+    words, which for the newest models are the misleading entitlement ones (drift §2.1)."""
+    floor = (known.get(model) or {}).get("minimal_client_version")
+    agent = re.match(r"[\w.-]+/(\d+\.\d+\.\d+)", headers.get("user-agent", ""))
+    sent = min(version_key(headers.get("version")), version_key(agent.group(1) if agent else None))
+    if not floor or sent >= version_key(floor):
+        return None
+    if version_key(floor) >= (0, 166, 0):
+        return 400, "The '%s' model is not supported when using Codex with a ChatGPT account." % model
+    return 400, "The '%s' model requires a newer version of Codex. Please upgrade to the latest app or CLI and try again." % model
+
+
+def lite_problem(body, known=None):
     """The Responses Lite shape (codex-backend.md 6.6), as Codex sends it."""
-    if body.get("model") not in FAKE_LITE:
+    known = KNOWN_MODELS if known is None else known
+    if not (known.get(body.get("model")) or {}).get("use_responses_lite"):
         return "Responses Lite is not available for %s" % body.get("model")
     if "instructions" in body or "tools" in body:
         return "Lite: no top-level instructions or tools"
@@ -571,6 +629,7 @@ class FakeCodex(FakeServer):
         self.issued = set()
         self.valid_tokens = {ACCESS_TOKEN}
         self.connections = 0
+        self.extra_models = {}       # slug -> catalog entry of models a test adds (serve)
         self.reviewer = None         # case -> events or Reply: plays the model that judges auto mode's calls
         self.reviews = []            # the cases it was asked about (the proxy's classifier requests)
         self.fallback_classifier = None   # (stage, body) -> events: answers Claude Code's own classifier
@@ -594,7 +653,9 @@ class FakeCodex(FakeServer):
         if headers.get("authorization", "")[7:] not in self.valid_tokens:
             return self.send_json(handler, 401, {"detail": "Unauthorized"})
         if handler.path.startswith("/backend-api/codex/models?client_version="):
-            return self.send_json(handler, 200, {"models": self.catalog}, {"ETag": 'W/"fake"'})
+            seen = version_key(handler.path.rsplit("=", 1)[1])   # models above the caller's version are hidden
+            models = [m for m in self.catalog if version_key(m.get("minimal_client_version") or "0.0.0") <= seen]
+            return self.send_json(handler, 200, {"models": models}, {"ETag": 'W/"fake"'})
         if handler.path == "/backend-api/wham/usage" and self.usage is not None:
             return self.send_json(handler, 200, self.usage)
         self.send_json(handler, 404, {"detail": "Not Found"})
@@ -617,10 +678,19 @@ class FakeCodex(FakeServer):
             self.refuse = None
             self.limits, self.usage_headers, self.served = {}, {}, {}
             self.reviewer, self.reviews = None, []
+            self.extra_models = {}
             self.fallback_classifier, self.fallback_asked = None, []
 
     def turn(self, model="gpt-5.5"):
         return Turn(self, model)
+
+    def serve(self, **entry):
+        """A model the backend serves and lists from here on (catalog fields; Lite by default)."""
+        entry = dict(dict(CATALOG_ENTRY, use_responses_lite=True, minimal_client_version="0.98.0",
+                          supported_reasoning_levels=[{"effort": e} for e in SIX]), **entry)
+        self.extra_models[entry["slug"]] = entry
+        self.catalog = list(self.catalog) + [entry]
+        return entry
 
     def reply(self, *replies):
         for reply in replies:
@@ -638,7 +708,10 @@ class FakeCodex(FakeServer):
         with self.lock:
             self.requests.append({"path": handler.path, "headers": headers, "body": body})
         lite = headers.get("x-openai-internal-codex-responses-lite") == "true"
-        problem = self.header_problem(handler.path, headers, body) or codex_request_problem(body, self.issued, lite)
+        known = dict(KNOWN_MODELS, **self.extra_models)
+        problem = self.header_problem(handler.path, headers, body) or \
+            version_problem((body or {}).get("model") if isinstance(body, dict) else None, headers, known) or \
+            codex_request_problem(body, self.issued, lite, known)
         if problem:
             return self.send_json(handler, problem[0], {"detail": problem[1]})
         if self.refuse and self.refuse[0](body, headers):
@@ -1082,7 +1155,7 @@ def write_tokens(path, access=ACCESS_TOKEN, account=ACCOUNT_ID):
 def make_config(home, upstream, **settings):
     values = dict(home=Path(home), upstream=upstream, api_key=PROXY_KEY, host="127.0.0.1", port=0,
                   codex_home=Path(home) / "codex-home", issuer="http://127.0.0.1:9",
-                  models={"opus": "gpt-5.5", "sonnet": "gpt-5.5", "haiku": "gpt-5.4-mini"},
+                  models={"opus": "gpt-5.5", "sonnet": "gpt-5.5", "haiku": "gpt-6-luna"},
                   retry_delay=0.01, connect_timeout=5.0)
     values.update(settings)
     return cp.Config(**values)
@@ -2186,20 +2259,20 @@ class TestUsageLedger(ProxyCase):
             ledger.unlink()
         self.fake.reply(self.fake.turn().text("secret answer").completed(input_tokens=1000, cached=600, output_tokens=50),
                         self.fake.turn().text("more").completed(input_tokens=1200, cached=900, output_tokens=70),
-                        self.fake.turn("gpt-5.4-mini").text("small").completed(input_tokens=300, output_tokens=20))
+                        self.fake.turn("gpt-6-luna").text("small").completed(input_tokens=300, output_tokens=20))
         for body in (BASIC, BASIC, dict(BASIC, model="claude-haiku-4-5")):
             self.assertEqual(self.post(body).status, 200)
         wait_until(lambda: len(ledger.read_text().splitlines()) >= 3, what="three ledger lines")
         lines = [json.loads(l) for l in ledger.read_text().splitlines()]
         self.assertEqual([(l["model"], l["input"], l["cached"], l["output"]) for l in lines],
-                         [("gpt-5.5", 1000, 600, 50), ("gpt-5.5", 1200, 900, 70), ("gpt-5.4-mini", 300, 0, 20)])
+                         [("gpt-5.5", 1000, 600, 50), ("gpt-5.5", 1200, 900, 70), ("gpt-6-luna", 300, 0, 20)])
         self.assertNotIn("secret", ledger.read_text())
         self.assertEqual(stat.S_IMODE(ledger.stat().st_mode), 0o600)
         env = dict(os.environ, CODEX_PROXY_HOME=str(self.home), CODEX_HOME=str(self.home / "codex-home"))
         out = subprocess.run([sys.executable, str(HERE / "codex_proxy.py"), "usage"], env=env,
                              capture_output=True, text=True, timeout=60).stdout
         day = time.strftime("%Y-%m-%d", time.gmtime())
-        self.assertRegex(out, r"%s\s+gpt-5\.4-mini\s+1\s+300\s+0\s+20" % day)
+        self.assertRegex(out, r"%s\s+gpt-6-luna\s+1\s+300\s+0\s+20" % day)
         self.assertRegex(out, r"%s\s+gpt-5\.5\s+2\s+2200\s+1500\s+120" % day)
         self.assertRegex(out, r"total\s+3\s+2500\s+1500\s+140")
         self.assertIn("Account default", out)
@@ -2451,7 +2524,10 @@ class TestRequestTranslation(unittest.TestCase):
 
     def test_model_mapping_and_effort_suffix(self):
         cases = [("claude-opus-5-5", "gpt-5.5", "medium"), ("claude-sonnet-4-5-20250929", "gpt-5.5", "medium"),
-                 ("claude-haiku-5-5", "gpt-5.4-mini", "medium"), ("gpt-5.4", "gpt-5.4", "medium"),
+                 ("claude-haiku-5-5", "gpt-6-luna", "medium"), ("gpt-5.4", "gpt-5.4", "medium"),
+                 ("claude-fable-5-1", "gpt-5.5", "medium"), ("claude-mythos-5-1", "gpt-5.5", "medium"),
+                 ("default", "gpt-5.5", "medium"), ("claude-next-family-9", "gpt-5.5", "medium"),
+                 ("opusplan", "gpt-5.5", "medium"),
                  ("gpt-5.5:high", "gpt-5.5", "high"), ("claude-opus-4-8[1m]", "gpt-5.5", "medium"),
                  ("claude-opus-4-8:xhigh", "gpt-5.5", "xhigh"), ("weird:model", "weird:model", "medium")]
         for requested, model, effort in cases:
@@ -2505,7 +2581,7 @@ class TestRequestTranslation(unittest.TestCase):
                 continue
             with self.subTest(fixture=name):
                 codex, context = translate(body)
-                self.assertIsNone(codex_request_problem(codex, set()), name)
+                self.assertIsNone(codex_request_problem(codex, set(), context.lite), name)
                 self.assertNotIn("x-anthropic-billing-header", json.dumps(codex))
                 self.assertEqual(context.requested_model, body["model"])
 
@@ -2847,8 +2923,11 @@ class TestCodexParity(unittest.TestCase):
         config = make_config(tempfile.gettempdir(), "http://127.0.0.1:9/backend-api/codex")
         codex, _ = cp.translate_request(BASIC, {}, config, CATALOG)
         self.assertEqual(codex["text"], {"verbosity": "low"})
-        mini, _ = cp.translate_request(dict(BASIC, model="claude-haiku-4-5"), {}, config, CATALOG)
-        self.assertEqual(mini["text"], {"verbosity": "medium"})
+        red, _ = cp.translate_request(dict(BASIC, model="gpt-daybreak-red-latest"), {}, config,
+                                      dict(CATALOG, **{"gpt-daybreak-red-latest": dict(
+                                          CATALOG["gpt-daybreak-red-latest"], default_verbosity="high")}))
+        self.assertEqual(red["input"][0]["type"], "additional_tools")
+        self.assertEqual(red["text"], {"verbosity": "high"}, "each model's own default, as Codex sends it")
         schema = {"type": "object", "properties": {"a": {"type": "string"}}}
         shaped, _ = cp.translate_request(dict(BASIC, output_config={"format": {"type": "json_schema", "schema": schema}}),
                                          {}, config, CATALOG)
@@ -3894,6 +3973,133 @@ class TestUpstreamFaults(ProxyCase):
         report("upstream faults: " + "; ".join(lines))
 
 
+class TestModelsFollowTheBackend(ProxyCase):
+    """The proxy presents today's Codex client, raised per model to the catalog's floor; a
+    stale default follows the catalog; every Claude name maps somewhere; a model the backend
+    serves only to a newer client heals by itself."""
+
+    settings = {"models": {"opus": "gpt-6.2-sol", "sonnet": "gpt-6-sol", "haiku": "gpt-5.4-mini"}, "retries": 0}
+
+    def setUp(self):
+        ProxyCase.setUp(self)
+        self.proxy.catalog.refresh()
+        self.proxy.said.clear()
+        self.logged = []
+        from unittest import mock
+        patch = mock.patch.object(cp.ProxyHandler, "log", lambda handler, text: self.logged.append(text))
+        patch.start()
+        self.addCleanup(patch.stop)
+
+    def test_the_newest_models_are_reachable_by_name_and_listed(self):
+        for model in ("gpt-6-sol", "gpt-6.2-sol", "claude-opus-5-5"):
+            self.fake.reply(self.fake.turn(model).text("served").completed())
+            answer = self.post(dict(BASIC, model=model))
+            self.assertEqual(answer.status, 200, answer.body[:300])
+        self.assertEqual([r["body"]["model"] for r in self.fake.requests], ["gpt-6-sol", "gpt-6.2-sol", "gpt-6.2-sol"])
+        listed = [m["id"] for m in self.request("GET", "/v1/models").json()["data"]]
+        for model in ("gpt-6-sol", "gpt-6.2-sol", "gpt-6-luna", "gpt-5.5"):
+            self.assertIn(model, listed)
+        for hidden in ("codex-auto-review", "gpt-daybreak-blue-latest"):
+            self.assertNotIn(hidden, listed)
+
+    def test_one_client_version_everywhere(self):
+        self.fake.reply(self.fake.turn("gpt-6-sol").text("ok").completed())
+        self.post(dict(BASIC, model="gpt-6-sol"))
+        headers = self.fake.requests[-1]["headers"]
+        self.assertEqual(headers["version"], "0.171.0")
+        self.assertTrue(headers["user-agent"].startswith("codex_cli_rs/0.171.0 ("), headers["user-agent"])
+        self.assertIn("/backend-api/codex/models?client_version=0.171.0", self.fake.gets)
+
+    def test_a_version_set_lower_is_raised_per_model_to_its_floor(self):
+        config = make_config(self.home, self.fake.url, client_version="0.160.0", models=self.settings["models"])
+        catalog = {m["slug"]: m for m in FAKE_CATALOG}
+        self.assertEqual(cp.translate_request(dict(BASIC, model="gpt-6.2-sol"), {}, config, catalog)[1].client_version,
+                         "0.166.0")
+        self.assertEqual(cp.translate_request(dict(BASIC, model="gpt-5.5"), {}, config, catalog)[1].client_version,
+                         "0.160.0")
+
+    def test_a_model_served_only_to_a_newer_client_heals_by_itself(self):
+        self.fake.serve(slug="gpt-6.3-sol", minimal_client_version="0.180.0")
+        self.proxy.catalog.refresh()   # asked as 0.171.0: the new model is not listed
+        self.fake.reply(self.fake.turn("gpt-6.3-sol").text("healed").completed(),
+                        self.fake.turn("gpt-6.3-sol").text("again").completed())
+        answer = self.post(dict(BASIC, model="gpt-6.3-sol"))
+        self.assertEqual(answer.status, 200, answer.body[:400])
+        self.assertEqual([r["headers"]["version"] for r in self.fake.requests], ["0.171.0", "0.180.0"])
+        self.assertIn("/backend-api/codex/models?client_version=999.0.0", self.fake.gets, "asked as a newer client")
+        self.assertEqual(self.post(dict(BASIC, model="gpt-6.3-sol")).status, 200)
+        self.assertEqual(self.fake.requests[-1]["headers"]["version"], "0.180.0", "learned: no refusal the second time")
+        self.assertEqual(len(self.fake.requests), 3)
+        self.assertEqual([l for l in self.logged if "0.180.0" in l], [
+            "the Codex backend serves gpt-6.3-sol to Codex 0.180.0 and newer; the proxy now presents that version for it."])
+
+    def test_the_misleading_entitlement_words_heal_too_and_are_never_a_plan_problem(self):
+        from unittest import mock
+        with mock.patch.object(self.proxy.config, "client_version", "0.153.0"):
+            self.proxy.catalog.refresh()   # as 0.153.0: the 0.155 and 0.166 models are hidden
+            self.fake.reply(self.fake.turn("gpt-6.2-sol").text("served").completed())
+            answer = self.post(dict(BASIC, model="gpt-6.2-sol"))
+        self.assertEqual(answer.status, 200, answer.body[:400])
+        self.assertEqual([r["headers"]["version"] for r in self.fake.requests], ["0.153.0", "0.166.0"])
+        self.proxy.catalog.refresh()
+
+    def test_a_retired_default_follows_its_upgrade_and_is_said_once(self):
+        self.fake.catalog = FAKE_CATALOG + [dict(CATALOG_ENTRY, slug="gpt-5.4-mini", visibility="hide",
+                                                 minimal_client_version="0.98.0", upgrade={"model": "gpt-5.6-luna"},
+                                                 supported_reasoning_levels=[{"effort": e} for e in FOUR])]
+        self.proxy.catalog.refresh()
+        self.fake.reply(*[self.fake.turn("gpt-5.6-luna").text("small").completed() for _ in range(2)])
+        for _ in range(2):
+            self.assertEqual(self.post(dict(BASIC, model="claude-haiku-4-5")).status, 200)
+        self.assertEqual([r["body"]["model"] for r in self.fake.requests], ["gpt-5.6-luna", "gpt-5.6-luna"])
+        self.assertEqual([l for l in self.logged if "gpt-5.4-mini" in l], [
+            "the model gpt-5.4-mini is retired; requests mapped to it go to gpt-5.6-luna, as the catalog says. "
+            "(CODEX_PROXY_OPUS_MODEL, _SONNET_, _HAIKU_ or CODEX_PROXY_MODELS choose another.)"])
+        self.assertIn("haiku -> gpt-5.6-luna (gpt-5.4-mini is retired)", "\n".join(cp.start_banner(self.proxy)))
+
+    def test_a_default_the_catalog_does_not_offer_goes_to_a_model_of_its_size(self):
+        self.fake.reply(self.fake.turn("gpt-6-luna").text("small").completed())
+        self.assertEqual(self.post(dict(BASIC, model="claude-haiku-4-5")).status, 200)
+        self.assertEqual(self.sent()["model"], "gpt-6-luna")
+
+    def test_a_stale_default_sent_before_the_catalog_is_known_heals(self):
+        self.proxy.catalog._models, self.proxy.catalog._fetched = None, time.time()   # not fetched yet
+        self.fake.reply(self.fake.turn("gpt-6-luna").text("small").completed())
+        answer = self.post(dict(BASIC, model="claude-haiku-4-5"))
+        self.assertEqual(answer.status, 200, answer.body[:400])
+        self.assertEqual([r["body"]["model"] for r in self.fake.requests], ["gpt-5.4-mini", "gpt-6-luna"])
+
+    def test_every_claude_name_is_served(self):
+        for name, model in (("claude-fable-5-1", "gpt-6.2-sol"), ("claude-mythos-5-1", "gpt-6.2-sol"),
+                            ("default", "gpt-6-sol"), ("claude-sonnet-6", "gpt-6-sol"), ("claude-lyric-7", "gpt-6-sol"),
+                            ("claude-opus-5-5[1m]", "gpt-6.2-sol"), ("opusplan", "gpt-6.2-sol")):
+            with self.subTest(name=name):
+                self.fake.reply(self.fake.turn(model).text("ok").completed())
+                answer = self.post(dict(BASIC, model=name))
+                self.assertEqual(answer.status, 200, answer.body[:300])
+                self.assertEqual((self.sent()["model"], answer.json()["model"]), (model, name))
+
+    def test_a_family_can_be_mapped_explicitly(self):
+        os.environ["CODEX_PROXY_MODELS"] = "fable=gpt-6-sol:high, haiku=gpt-6-luna:low"
+        self.addCleanup(os.environ.pop, "CODEX_PROXY_MODELS")
+        config = cp.Config()
+        self.assertEqual((config.models["fable"], config.models["haiku"]), ("gpt-6-sol:high", "gpt-6-luna:low"))
+        self.assertEqual(cp.resolve_model("claude-fable-5-1", config.models), ("gpt-6-sol", "high", "fable"))
+        self.assertEqual(cp.resolve_model("claude-mythos-5-1", config.models)[2], "opus")
+
+    def test_settings_users_can_get_wrong_are_refused_with_the_fix(self):
+        for name, value, words in (("CODEX_PROXY_CLIENT_VERSION", "latest", "must be a Codex CLI version such as 0.171.0"),
+                                   ("CODEX_PROXY_MODELS", "fable:gpt-6-sol", "takes FAMILY=MODEL pairs")):
+            with self.subTest(name=name):
+                os.environ[name] = value
+                try:
+                    with self.assertRaises(SystemExit) as caught:
+                        cp.Config()
+                finally:
+                    os.environ.pop(name)
+                self.assertIn(words, str(caught.exception))
+
+
 class TestModelCatalog(ProxyCase):
 
     def setUp(self):
@@ -3904,8 +4110,8 @@ class TestModelCatalog(ProxyCase):
         doc = self.request("GET", "/v1/models").json()
         ids = [m["id"] for m in doc["data"]]
         self.assertEqual(ids[:3], ["claude-opus-5-5", "claude-sonnet-5-5", "claude-haiku-5-5"])
-        for slug in CATALOG:
-            self.assertIn(slug, ids)
+        for slug, entry in CATALOG.items():
+            self.assertEqual(slug in ids, entry["visibility"] != "hide", slug)
         sol = next(m for m in doc["data"] if m["id"] == "gpt-5.6-sol")
         self.assertEqual((sol["display_name"], sol["max_input_tokens"]), ("GPT-5.6-Sol (Codex)", 272000))
 
@@ -3925,8 +4131,9 @@ class TestModelCatalog(ProxyCase):
         self.assertEqual(answer.status, 400)
         message = answer.json()["error"]["message"]
         self.assertIn("'gpt-5.3-codex' is not available", message)
-        for slug in ("gpt-5.5", "gpt-5.6-sol", "gpt-5.4-mini"):
+        for slug in ("gpt-5.5", "gpt-5.6-sol", "gpt-6-sol", "gpt-6.2-sol"):
             self.assertIn(slug, message)
+        self.assertNotIn("codex-auto-review", message, "hidden models are not offered as a choice")
 
     def test_newest_models_get_the_responses_lite_shape(self):
         self.fake.reply(self.fake.turn(model="gpt-5.6-sol").text("lite ok").completed())
@@ -3985,7 +4192,8 @@ class TestModelCatalog(ProxyCase):
             code, doc, _ = CliRun(self, ["models", "--json"]).result()
         self.assertRegex(out, r"gpt-5\.6-sol\s+272k\s+low, medium, high, xhigh, max, ultra\s+low\s+lite")
         self.assertRegex(out, r"gpt-5\.5\s+272k\s+low, medium, high, xhigh\s+medium\s+classic")
-        self.assertIn("opus -> gpt-5.5", out)
+        self.assertIn("opus -> gpt-6.2-sol", out)
+        self.assertNotIn("codex-auto-review", out, "hidden models are not chat models")
         sol = next(m for m in json.loads(doc) if m["model"] == "gpt-5.6-sol")
         self.assertEqual((sol["context_window"], sol["default_effort"], sol["responses_lite"]), (272000, "low", True))
 
@@ -4031,7 +4239,7 @@ class TestAutoModeSafeguards(ProxyCase):
 
     def setUp(self):
         ProxyCase.setUp(self)
-        self.fake.catalog = FAKE_CATALOG + [REVIEWER_ENTRY]
+        self.fake.catalog = FAKE_CATALOG
         self.proxy.catalog.refresh()
 
     def two_calls(self):
@@ -4089,7 +4297,7 @@ class TestAutoModeSafeguards(ProxyCase):
                 ("wrong outcome", verdict("maybe", "?"), "error")):
             with self.subTest(reviewer=name):
                 self.fake.reset()
-                self.fake.catalog = FAKE_CATALOG + [REVIEWER_ENTRY]
+                self.fake.catalog = FAKE_CATALOG
                 self.fake.reviewer = reviewer
                 self.fake.reply(self.fake.turn().tool_call("Bash", {"command": "git push --force"}).completed())
                 started = time.monotonic()
@@ -4110,7 +4318,7 @@ class TestAutoModeSafeguards(ProxyCase):
     def test_the_classifier_is_the_setting_else_the_catalogs_reviewer_else_the_haiku_model(self):
         config = make_config(self.home, self.fake.url)
         self.assertEqual(cp.safeguard_model(config, {"codex-auto-review": {}, "gpt-5.5": {}}), "codex-auto-review:low")
-        self.assertEqual(cp.safeguard_model(config, {"gpt-5.5": {}}), "gpt-5.4-mini:low")
+        self.assertEqual(cp.safeguard_model(config, {"gpt-5.5": {}}), "gpt-6-luna:low")
         config.safeguard_model = "gpt-5.5:medium"
         self.assertEqual(cp.safeguard_model(config, {"codex-auto-review": {}}), "gpt-5.5:medium")
 
@@ -4245,8 +4453,14 @@ class TestRecoveryTable(unittest.TestCase):
 
     def test_a_final_failure_is_answered_at_once(self):
         for kind in ("context_length_exceeded", "rate_limit_exceeded", "server_is_overloaded", "cyber_policy",
-                     "model_refused", "forbidden", "request_refused"):
+                     "forbidden", "request_refused"):
             self.assertEqual(self.decide(self.failure(kind)), ("answer", None), kind)
+        for kind in ("model_refused", "client_too_old"):
+            self.assertEqual(self.decide(self.failure(kind), downgraded={"model"}), ("answer", None), kind)
+
+    def test_a_refused_model_is_asked_about_once(self):
+        for kind in ("model_refused", "client_too_old"):
+            self.assertEqual(self.decide(self.failure(kind)), ("recheck", None), kind)
         shutting_down = cp.CodexFailure(cp.ProxyError(529, "overloaded_error", "The proxy is shutting down."))
         self.assertEqual(self.decide(shutting_down), ("answer", None))
 
@@ -5446,7 +5660,7 @@ class TestStartCommand(unittest.TestCase):
         self.addCleanup(lambda: [os.environ.__setitem__(k, v) for k, v in saved.items() if v is not None])
         parser = cp.build_parser()
         config = cp.config_from_args(parser.parse_args(["start"]))
-        self.assertEqual((config.host, config.port, config.models["opus"]), ("127.0.0.1", 8082, "gpt-5.5"))
+        self.assertEqual((config.host, config.port, config.models["opus"]), ("127.0.0.1", 8082, "gpt-6.2-sol"))
         os.environ.update(CODEX_PROXY_HOST="127.0.0.2", CODEX_PROXY_PORT="9000", CODEX_PROXY_OPUS_MODEL="gpt-5.4:high")
         self.addCleanup(lambda: [os.environ.pop(k, None) for k in ("CODEX_PROXY_HOST", "CODEX_PROXY_PORT",
                                                                     "CODEX_PROXY_OPUS_MODEL")])
@@ -5508,14 +5722,14 @@ class TestEnvCommand(CliCase):
                      sys.executable, HERE / "codex_proxy.py")
         result = subprocess.run(["bash", "-c", script], env=self.env, capture_output=True, text=True, timeout=60)
         self.assertEqual(result.stdout.split("|"), ["http://127.0.0.1:%s" % self.env["CODEX_PROXY_PORT"],
-                                                    "key with 'quotes' and $dollars", "1", "272000"])
+                                                    "key with 'quotes' and $dollars", "1", "500000"])
 
     def test_fish_and_powershell_syntax(self):
         self.env["CODEX_PROXY_API_KEY"] = "k'1"
         fish = self.run_cli("env", "--shell", "fish", "--port", "9000").stdout.splitlines()
         self.assertEqual(fish, ["set -gx ANTHROPIC_BASE_URL http://127.0.0.1:9000", "set -gx ANTHROPIC_AUTH_TOKEN 'k\\'1'",
                                 "set -gx CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC 1",
-                                "set -gx CLAUDE_CODE_AUTO_COMPACT_WINDOW 272000"])
+                                "set -gx CLAUDE_CODE_AUTO_COMPACT_WINDOW 500000"])
         powershell = self.run_cli("env", "--shell", "powershell").stdout.splitlines()
         self.assertEqual(powershell[1], "$env:ANTHROPIC_AUTH_TOKEN = 'k''1'")
         self.assertEqual(powershell[0], "$env:ANTHROPIC_BASE_URL = 'http://127.0.0.1:%s'" % self.env["CODEX_PROXY_PORT"])
@@ -5534,7 +5748,8 @@ class TestLauncher(CliCase):
         env = seen["env"]
         self.assertRegex(env["ANTHROPIC_BASE_URL"], r"^http://127\.0\.0\.1:\d+$")
         self.assertNotEqual(env["ANTHROPIC_BASE_URL"].rsplit(":", 1)[1], self.env["CODEX_PROXY_PORT"], "a free port")
-        self.assertEqual((env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"]), ("1", "272000"))
+        self.assertEqual((env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"]), ("1", "500000"),
+                         "the window of the opus model, gpt-6.2-sol")
         self.assertNotIn("ANTHROPIC_API_KEY", env)
 
     def test_launcher_uses_a_proxy_that_is_already_running(self):
@@ -5588,7 +5803,7 @@ class TestDoctor(CliCase):
         self.assertEqual([l[0] for l in lines[:-1]], ["\u2713"] * 14, result.stdout)
         for words in ("Python", "ChatGPT login in", "token file mode 0600", "access token valid",
                       "the login can be refreshed and saved", "proxy-home is writable",
-                      "Codex backend reachable", "opus -> gpt-5.5 is available", "Connecting to 127.0.0.1 directly", "haiku -> gpt-5.4-mini is available",
+                      "Codex backend reachable", "opus -> gpt-6.2-sol is available", "Connecting to 127.0.0.1 directly", "haiku -> gpt-6-luna is available",
                       "text reply: 'pong'", "tool call: get_time", "reasoning replay: encrypted reasoning sent back and accepted"):
             self.assertIn(words, result.stdout)
         self.assertEqual(lines[-1], "All checks passed.")
@@ -5631,11 +5846,17 @@ class TestDoctor(CliCase):
         self.assertEqual(result.returncode, 0, result.stdout)
 
     def test_models_not_on_the_plan_are_named_with_the_fix(self):
-        self.fake.catalog = [m for m in FAKE_CATALOG if m["slug"] != "gpt-5.4-mini"]
+        self.fake.catalog = [m for m in FAKE_CATALOG if "luna" not in m["slug"]]
         self.script_healthy()
         result = self.run_cli("doctor")
-        self.assertIn("\u2717 haiku -> gpt-5.4-mini is not available on this plan\n    fix: set CODEX_PROXY_HAIKU_MODEL to one of:",
+        self.assertIn("\u2717 haiku -> gpt-6-luna is not available on this plan\n    fix: set CODEX_PROXY_HAIKU_MODEL to one of:",
                       result.stdout)
+
+    def test_a_default_the_account_lacks_is_followed_to_one_of_the_same_size(self):
+        self.fake.catalog = [m for m in FAKE_CATALOG if m["slug"] != "gpt-6-luna"]
+        self.script_healthy()
+        result = self.run_cli("doctor")
+        self.assertIn("\u2713 haiku -> gpt-6-luna is not offered to this account; gpt-5.6-luna serves it", result.stdout)
 
 
 class TestOnlyANamedLogin(CliCase):
@@ -5675,7 +5896,8 @@ class TestOnlyANamedLogin(CliCase):
         result = self.run_cli("models", "--json")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertNotIn("Could not fetch", result.stderr)
-        self.assertEqual([m["model"] for m in json.loads(result.stdout)], [m["slug"] for m in FAKE_CATALOG])
+        self.assertEqual([m["model"] for m in json.loads(result.stdout)],
+                         [m["slug"] for m in FAKE_CATALOG if m["visibility"] != "hide"])
         self.assertEqual(self.fake.requests, [], "only the catalog was asked")
 
     def test_doctor_works(self):
@@ -5715,9 +5937,9 @@ class TestRequestLog(CliCase):
         _, err = process.communicate(timeout=60)
         lines = [l for l in err.splitlines() if "/v1/messages" in l]
         self.assertEqual(len(lines), 3, err)
-        self.assertRegex(lines[0], r"^\d\d:\d\d:\d\d POST /v1/messages 200 claude-opus-4-8 -> gpt-5\.5 \(medium\) stream "
+        self.assertRegex(lines[0], r"^\d\d:\d\d:\d\d POST /v1/messages 200 claude-opus-4-8 -> gpt-6\.2-sol \(medium\) stream "
                                    r"in=900 cached=600 out=12 first=\d+ms total=\d+ms end_turn$")
-        self.assertRegex(lines[1], r"POST /v1/messages 429 claude-opus-4-8 -> gpt-5\.5 \(medium\) json total=\d+ms "
+        self.assertRegex(lines[1], r"POST /v1/messages 429 claude-opus-4-8 -> gpt-6\.2-sol \(medium\) json total=\d+ms "
                                    r"error=rate_limit_error: The ChatGPT usage limit")
         self.assertRegex(lines[2], r"POST /v1/messages 200 .* end_turn$", "a retried success logs no error")
         records = [json.loads(l) for l in log.read_text().splitlines()]
@@ -5867,10 +6089,10 @@ class TestClaudeCode(ClaudeCodeCase):
         self.assertEqual(self.blocks(lines, "thinking")[0]["thinking"], "Look before answering.")
 
     def test_5_haiku_class_request_goes_to_the_small_model(self):
-        self.fake.reply(self.fake.turn(model="gpt-5.4-mini").text("small and fast").completed())
+        self.fake.reply(self.fake.turn(model="gpt-6-luna").text("small and fast").completed())
         result, _ = self.claude("hi", "--model", "haiku")
         self.assertEqual(result["result"], "small and fast")
-        self.assertEqual(self.sent()["model"], "gpt-5.4-mini")
+        self.assertEqual(self.sent()["model"], "gpt-6-luna")
 
     def test_6_usage_limit_is_reported_with_retry_after(self):
         recorded = json.loads(fixture("responses", "chatgpt_codex_usage_limit_reached_plus_2026-05-04.json").read_text())
@@ -5916,7 +6138,7 @@ class TestClaudeCodeAutoMode(ClaudeCodeCase):
 
     def setUp(self):
         ClaudeCodeCase.setUp(self)
-        self.fake.catalog = FAKE_CATALOG + [REVIEWER_ENTRY]
+        self.fake.catalog = FAKE_CATALOG
         self.proxy.catalog.refresh()
 
     def run_command(self, command, **env):
@@ -5968,7 +6190,7 @@ class TestClaudeCodeAutoMode(ClaudeCodeCase):
                                                   else "")) if stage == "severity" else \
                 "<block>%s</block><reason>force-pushing main rewrites shared history</reason>" % (
                     "yes" if severity > 50 else "no")
-            return Turn(None, "gpt-5.4-mini").text(tag + " Let me explain my reasoning in detail." * 4000).completed()
+            return Turn(None, "gpt-6-luna").text(tag + " Let me explain my reasoning in detail." * 4000).completed()
         return answer
 
     def test_4_its_own_classifier_through_the_proxy_allows_and_blocks(self):
@@ -6001,7 +6223,7 @@ class TestClaudeCodeAutoModeInteractive(ClaudeCodeCase):
 
     def setUp(self):
         ClaudeCodeCase.setUp(self)
-        self.fake.catalog = FAKE_CATALOG + [REVIEWER_ENTRY]
+        self.fake.catalog = FAKE_CATALOG
         self.proxy.catalog.refresh()
 
     def interactive(self, command, done="Finished the job."):
@@ -6126,7 +6348,7 @@ class TestAnthropicSDK(ProxyCase):
                 self.assertIsNotNone(created.stop_reason)
 
     def test_safeguard_results_reach_sdk_clients_streaming_and_not(self):
-        self.fake.catalog = FAKE_CATALOG + [REVIEWER_ENTRY]
+        self.fake.catalog = FAKE_CATALOG
         self.proxy.catalog.refresh()
         self.fake.reviewer = by_command("--force")
         body = auto_mode_body()
@@ -6191,6 +6413,12 @@ class TestAnthropicSDK(ProxyCase):
 class TestFreshCloneData(unittest.TestCase):
     """A clone without ../shared runs the core tests on data written here; it must
     say what the recorded fixtures say."""
+
+    def test_inline_december_catalog_matches_the_one_codex_0_171_bundles(self):
+        recorded = json.loads(fixture("codex-cli-0.171", "bundled-catalog-0.171.0-summary.json").read_text())["models"]
+        self.assertEqual([(m["slug"], m["visibility"], m["minimal_client_version"], m["use_responses_lite"],
+                           m["context_window"], m["default_reasoning_level"], tuple(m["efforts"]), m.get("upgrade_to"))
+                          for m in recorded], list(DECEMBER_MODELS))
 
     def test_inline_catalog_matches_the_recorded_catalog(self):
         recorded = json.loads(fixture("responses", "codex_bundled_models_2026-08-07_trimmed.json").read_text())
