@@ -1478,6 +1478,23 @@ def quota_from_headers(headers):
     return {"plan": headers.get("x-codex-plan-type"), "windows": windows, "updated_at": int(time.time())}
 
 
+def quota_from_rate_limits(event):
+    """The same windows from a codex.rate_limits stream event (what WebSocket replies carry)."""
+    limits = event.get("rate_limits") if isinstance(event, dict) else None
+    windows = {}
+    for name in ("primary", "secondary"):
+        window = limits.get(name) if isinstance(limits, dict) else None
+        used = window.get("used_percent") if isinstance(window, dict) else None
+        if isinstance(used, (int, float)) and not isinstance(used, bool):
+            reset = window.get("reset_at") if isinstance(window.get("reset_at"), (int, float)) else None
+            minutes = window.get("window_minutes") if isinstance(window.get("window_minutes"), (int, float)) else None
+            windows[name] = {"used_percent": float(used), "window_minutes": minutes,
+                             "resets_at": int(reset) if reset else None}
+    if not windows:
+        return None
+    return {"plan": event.get("plan_type"), "windows": windows, "updated_at": int(time.time())}
+
+
 def quota_from_usage(doc):
     """The same windows from GET /wham/usage."""
     limits = doc.get("rate_limit") if isinstance(doc.get("rate_limit"), dict) else {}
@@ -1796,6 +1813,8 @@ def codex_options(body, model, items, tools, names, entry, catalog, suffix_effor
         "include": ["reasoning.encrypted_content"],
         "prompt_cache_key": cache_key,
     }
+    if body.get("speed") == "fast" and "priority" in (entry.get("service_tiers") or ()):
+        codex["service_tier"] = "priority"   # Claude Code's fast mode; a model without the tier answers as usual
     text = {}
     if entry.get("support_verbosity") and entry.get("default_verbosity") in ("low", "medium", "high"):
         text["verbosity"] = entry["default_verbosity"]   # what Codex sends for the model
@@ -3252,6 +3271,8 @@ class ResponseTranslator:
         self.stop_reason = None
         self.hidden_reasoning = []   # [encrypted_content, [tool_use ids]] when the client hides thinking
         self.calls = []              # (tool_use id, name, input) of each tool call complete so far
+        self.served_model = None     # the model response.created names (the backend may serve another)
+        self.rate_limits = None      # the last codex.rate_limits event (usage windows, as over WebSocket)
 
     def feed(self, event):
         self.out = []
@@ -3267,6 +3288,12 @@ class ResponseTranslator:
             self._drain()
         elif kind in ("response.completed", "response.incomplete"):
             self._complete(event)
+        elif kind == "response.created" and isinstance(event.get("response"), dict):
+            model = event["response"].get("model")
+            self.served_model = model if isinstance(model, str) and model else None
+        elif kind == "codex.rate_limits":
+            self.rate_limits = event
+        # any other event (response.metadata, codex.response.metadata, timings, ...) changes nothing
         elif kind == "response.failed":
             response = event.get("response") if isinstance(event.get("response"), dict) else {}
             raise upstream_failure(response.get("error"), self.ctx, self.estimate)
@@ -4509,7 +4536,8 @@ class Relay:
     (for a retry, a downgrade or a move), the message thread.
     """
 
-    AFTER_REPLY = ("remember_hidden_reasoning", "calibrate_count", "record_usage", "note_quota", "store_thread")
+    AFTER_REPLY = ("remember_hidden_reasoning", "calibrate_count", "record_usage", "note_quota", "note_served_model",
+                   "store_thread")
 
     def __init__(self, server, writer):
         self.server = server
@@ -4838,10 +4866,18 @@ class Relay:
             self.server.ledger.record(self.context.model, self.account.name, counted)
 
     def note_quota(self, finished):
-        """The login's usage windows, as the backend reported them with the reply."""
-        quota = quota_from_headers(finished.headers)
+        """The login's usage windows, as the backend reported them with the reply (headers,
+        or a codex.rate_limits event)."""
+        quota = quota_from_headers(finished.headers) or quota_from_rate_limits(finished.translator.rate_limits)
         if quota:
             self.server.accounts.note_quota(self.account, quota)
+
+    def note_served_model(self, finished):
+        """A reply the backend served with another model than asked (a safety reroute): both
+        names in the request log."""
+        served = finished.translator.served_model
+        if served and served != self.context.model and self.writer.note is not None:
+            self.writer.note["served_model"] = served
 
     def store_thread(self, finished):
         """A message thread's turn, kept under its reply's id for the next continue."""
@@ -5385,6 +5421,8 @@ def request_log_line(record):
         line += " downgraded=" + ",".join(record["downgraded"])
     if record.get("remapped"):
         line += " remapped=" + record["remapped"]
+    if record.get("served_model"):
+        line += " served_by=" + record["served_model"]
     for check in record.get("safeguards") or ():   # auto mode's verdicts, one per tool call
         line += " check=%s:%s/%sms" % (check["tool_use_id"], check.get("outcome") or check.get("reason"), check["ms"])
     if record.get("error"):

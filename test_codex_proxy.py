@@ -33,7 +33,8 @@ Stream translation (the reducer, pure) and web search
 
 Upstream client: the failure table, errors, timeouts, faults, the model catalog
     TestUpstreamFailureTable, TestUpstreamErrors, TestUpstreamTimeouts,
-    TestUpstreamUnreachable, TestUpstreamFaults, TestModelsFollowTheBackend, TestModelCatalog
+    TestUpstreamUnreachable, TestUpstreamFaults, TestModelsFollowTheBackend, TestWhatTheBackendSays,
+    TestModelCatalog
 
 Safeguards: auto mode's check of each tool call, Claude Code's own classifier
     TestAutoModeSafeguards, TestAutoModeSafeguardsOff, TestClaudeCodesOwnClassifier
@@ -237,6 +238,8 @@ def codex_request_problem(body, issued, lite=False, known=None):
             return 400, "Unsupported parameter: %s" % name
     if body.get("store") is not False:
         return 400, "Store must be set to false"
+    if "service_tier" in body and body["service_tier"] not in ("priority", "default", "auto", "flex"):
+        return 400, "Unsupported service_tier: %s" % body["service_tier"]
     if body.get("stream") is not True:
         return 400, "Stream must be set to true"
     if not isinstance(body.get("input"), list):
@@ -2684,7 +2687,19 @@ COMPATIBILITY = [
      lambda t, c, x: t.assertEqual(c["text"]["format"]["schema"], {"type": "object"})),
     ("service_tier", "ignored", {"service_tier": "standard_only"}, has_no("service_tier", "standard_only")),
     ("cache_control", "ignored", {"cache_control": {"type": "ephemeral"}}, has_no("cache_control", "ephemeral")),
-    ("speed", "ignored", {"speed": "fast"}, has_no("speed", "priority")),
+    ("speed", "emulated", {"speed": "fast"}, lambda t, c, x: (
+        has_no("speed", "priority")(t, c, x),   # a model whose catalog entry has no priority tier: ignored
+        t.assertEqual(cp.translate_request(dict(BASIC, model="gpt-6-sol", speed="fast"), {}, make_config(
+            tempfile.gettempdir(), "http://127.0.0.1:9"), CATALOG)[0]["service_tier"], "priority"))),
+    ("safeguards", "emulated", {"safeguards": [{"type": "dangerous_tool_use", "classifier_context": {"v": 1}}]},
+     lambda t, c, x: t.assertIsNotNone(cp.safeguard_request(dict(BASIC, safeguards=[{"type": "dangerous_tool_use"}])))
+     or has_no("safeguards", "classifier_context")(t, c, x)),
+    ("Claude Code's own classifier requests", "emulated",
+     {"system": "You are a security monitor for autonomous AI coding agents.",
+      "messages": [user("<transcript>{}</transcript> Respond with <severity>N</severity> ONLY.")]},
+     lambda t, c, x: t.assertEqual(cp.answer_form(dict(BASIC, system="You are a security monitor for autonomous AI "
+                                                      "coding agents.", messages=[user("Respond with <severity>N</severity>")])),
+                                   "severity")),
     ("fallbacks", "ignored", {"fallbacks": [{"model": "claude-haiku-4-5"}]}, has_no("fallbacks", "haiku")),
     ("diagnostics", "ignored", {"diagnostics": {"cache": True}}, has_no("diagnostics")),
     ("context_management", "emulated", {"context_management": {"edits": [{"type": "clear_tool_uses_20250919",
@@ -4098,6 +4113,80 @@ class TestModelsFollowTheBackend(ProxyCase):
                 finally:
                     os.environ.pop(name)
                 self.assertIn(words, str(caught.exception))
+
+
+class TestWhatTheBackendSays(ProxyCase):
+    """What the backend says beside the reply is passed on as it is: fast mode as the priority
+    tier, a reply another model served, the usage windows of a codex.rate_limits event; events
+    the proxy does not know change nothing."""
+
+    def setUp(self):
+        ProxyCase.setUp(self)
+        self.proxy.catalog.refresh()
+
+    def records(self, body):
+        from unittest import mock
+        records = []
+        with mock.patch.object(self.proxy.config, "verbose", True), \
+                mock.patch.object(self.proxy, "log_request_record", lambda record, line: records.append((record, line))):
+            answer = self.post(body)
+            wait_until(lambda: records, what="the request's log record")
+        return answer, records[-1]
+
+    def test_fast_mode_asks_for_the_priority_tier_where_the_model_has_it(self):
+        self.fake.serve(slug="gpt-6-nova", service_tiers=[])
+        self.proxy.catalog.refresh()
+        self.fake.reply(self.fake.turn("gpt-6-sol").text("fast").completed(),
+                        self.fake.turn("gpt-6-nova").text("as usual").completed())
+        self.assertEqual(self.post(dict(BASIC, model="gpt-6-sol", speed="fast")).status, 200)
+        self.assertEqual(self.sent()["service_tier"], "priority")
+        self.assertEqual(self.post(dict(BASIC, model="gpt-6-nova", speed="fast")).status, 200)
+        self.assertNotIn("service_tier", self.sent(), "a model without the tier answers as usual")
+
+    def test_a_reply_another_model_served_is_logged_with_both_names(self):
+        self.fake.reply(self.fake.turn("gpt-5.5").text("rerouted").completed())
+        answer, (record, line) = self.records(dict(BASIC, model="gpt-6-sol"))
+        self.assertEqual(answer.status, 200)
+        self.assertEqual((record["upstream_model"], record["served_model"]), ("gpt-6-sol", "gpt-5.5"))
+        self.assertIn("-> gpt-6-sol (", line)
+        self.assertIn(" served_by=gpt-5.5", line)
+
+    def unknown_events(self, turn):
+        """``turn`` with the events the backend added since the August references, between its items."""
+        turn.add("codex.response.metadata", metadata={"turn": 1})
+        turn.add("response.metadata", metadata={"type": "safety_buffering", "use_cases": ["cyber"], "reasons": []})
+        turn.add("responsesapi.websocket_timing", timing={"ms": 3})
+        turn.add("response.something_new", payload={"x": 1})
+        return turn
+
+    def test_unknown_events_in_the_middle_of_a_stream_change_nothing(self):
+        plain = self.fake.turn().text("Before.").tool_call("Bash", {"command": "ls"}, call_id="call_u")
+        noisy = self.unknown_events(self.fake.turn().text("Before.")).tool_call("Bash", {"command": "ls"},
+                                                                                 call_id="call_u")
+        out_plain, message_plain = translate_events(self, plain.completed())
+        out_noisy, message_noisy = translate_events(self, noisy.completed())
+        strip = lambda events: [e for e in events if e["type"] != "message_start"]
+        self.assertEqual(strip(out_noisy), strip(out_plain))
+        self.assertEqual(dict(message_noisy, id=None), dict(message_plain, id=None))
+        for stream in (True, False):
+            self.fake.reply(self.unknown_events(self.fake.turn().text("Still here.")).completed())
+            answer = self.post(dict(BASIC, stream=stream))
+            self.assertEqual(answer.status, 200)
+            text = cp.fold_message(check_stream(self, answer.body)) if stream else answer.json()
+            self.assertEqual(text["content"], [{"type": "text", "text": "Still here."}], stream)
+
+    def test_codex_rate_limits_events_update_the_usage_windows(self):
+        reset = int(time.time()) + 3600
+        turn = self.fake.turn().text("counted")
+        turn.add("codex.rate_limits", plan_type="plus", rate_limits={
+            "primary": {"used_percent": 42.0, "window_minutes": 300, "reset_at": reset},
+            "secondary": {"used_percent": 7.5, "window_minutes": 10080, "reset_at": reset + 86400}})
+        self.fake.reply(turn.completed())
+        self.assertEqual(self.post(BASIC).status, 200)
+        quota = wait_until(lambda: self.proxy.accounts.default.quota, what="the usage windows")
+        self.assertEqual(quota["windows"]["primary"], {"used_percent": 42.0, "window_minutes": 300, "resets_at": reset})
+        self.assertEqual(quota["windows"]["secondary"]["used_percent"], 7.5)
+        self.assertIn("Usage, 5h window: 42% used", "\n".join(cp.describe_quota(quota)), "what `status` prints")
 
 
 class TestModelCatalog(ProxyCase):
