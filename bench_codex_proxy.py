@@ -510,6 +510,7 @@ def measure(quick, program=PROXY):
         proxy.stop()
     measure_large_bodies(results, upstream, program, quick)
     measure_safeguards(results, upstream, program, quick)
+    measure_compression(results, quick)
     results["machine"] = "%d CPU, %s, Python %s" % (os.cpu_count(), sys.platform, sys.version.split()[0])
     return results
 
@@ -552,6 +553,36 @@ def measure_safeguards(results, upstream, program, quick):
     finally:
         upstream.rate = 0
         proxy.stop()
+
+
+def measure_compression(results, quick):
+    """Bytes on the wire and CPU time to compress them, for a 55 KB and a 1 MB Claude Code turn
+    (the first with the real request when the fixtures are there; the second with a session's
+    history of tool results added to it)."""
+    import codex_proxy
+    first = claude_code_request()[0]
+    history = []
+    while len(json.dumps(history)) < 950000:
+        n = len(history)
+        output = "\n".join("PASS tests/test_module_%d.py::test_case_%d (%d ms)" % ((i + n) % 40, i * 7 + n, (i * 13 + n) % 97)
+                           for i in range(600))
+        history += [{"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_%d" % n, "name": "Bash",
+                                                       "input": {"command": "pytest -q tests/ -k case_%d" % n}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_%d" % n,
+                                                  "content": output}]}]
+    late = dict(first, messages=first["messages"][:1] + history + [{"role": "user", "content": "Go on."}])
+    encoding = codex_proxy.upload_encoding()
+    for name, body in (("55k", first), ("1m", late)):
+        payload = codex_bytes(body)
+        rounds = 3 if quick else 20
+        started = time.process_time()
+        for _ in range(rounds):
+            packed = codex_proxy.compressed(payload, encoding)
+        results["upload_%s_plain_kb" % name] = round(len(payload) / 1024, 1)
+        results["upload_%s_%s_kb" % (name, encoding)] = round(len(packed) / 1024, 1)
+        results["upload_%s_compress_ms" % name] = round((time.process_time() - started) / rounds * 1000, 2)
+        results["upload_%s_sent_compressed" % name] = len(payload) >= codex_proxy.COMPRESS_FROM
+    results["upload_encoding"] = encoding
 
 
 def measure_large_bodies(results, upstream, program, quick):
@@ -598,7 +629,10 @@ def report(results):
           "byte %(stress_ttfb_added_p50_ms)s ms; auto mode's check (classifier answering in %(review_delay_ms)g ms): "
           "last upstream event to message_stop %(end_tool_checked_p50_ms)s ms with a tool call (%(end_tool_plain_p50_ms)s "
           "ms unchecked), %(end_text_checked_p50_ms)s ms without one (%(end_text_plain_p50_ms)s ms unchecked); "
-          "%(machine)s" % results)
+          "upload of a 55 KB turn %(upload_55k_plain_kb)s KB (sent compressed: %(upload_55k_sent_compressed)s), of a 1 MB "
+          "turn %(upload_1m_plain_kb)s KB -> " % results + "%s KB %s in %s ms of CPU; " % (
+              results["upload_1m_%s_kb" % results["upload_encoding"]], results["upload_encoding"],
+              results["upload_1m_compress_ms"]) + "%(machine)s" % results)
     print(json.dumps(results, sort_keys=True))
 
 

@@ -34,7 +34,7 @@ Stream translation (the reducer, pure) and web search
 Upstream client: the failure table, errors, timeouts, faults, the model catalog
     TestUpstreamFailureTable, TestUpstreamErrors, TestUpstreamTimeouts,
     TestUpstreamUnreachable, TestUpstreamFaults, TestModelsFollowTheBackend, TestWhatTheBackendSays,
-    TestModelCatalog
+    TestCompressedUploads, TestModelCatalog
 
 Safeguards: auto mode's check of each tool call, Claude Code's own classifier
     TestAutoModeSafeguards, TestAutoModeSafeguardsOff, TestClaudeCodesOwnClassifier
@@ -206,6 +206,17 @@ def fallback_stage(body):
         return None
     tail = texts[-1][-2000:] if texts else ""
     return "severity" if "<severity>" in tail else "block" if "<block>" in tail else None
+
+
+def decoded(raw, encoding):
+    """A request body as the backend reads it: gzip, or zstd where Python has it (3.14+)."""
+    if encoding == "gzip":
+        import gzip
+        return gzip.decompress(raw)
+    if encoding == "zstd":
+        from compression import zstd
+        return zstd.decompress(raw)
+    return raw
 
 
 def review_case(body):
@@ -633,6 +644,7 @@ class FakeCodex(FakeServer):
         self.valid_tokens = {ACCESS_TOKEN}
         self.connections = 0
         self.extra_models = {}       # slug -> catalog entry of models a test adds (serve)
+        self.encodings = {"gzip", "zstd"}   # request Content-Encodings taken (the backend takes both)
         self.reviewer = None         # case -> events or Reply: plays the model that judges auto mode's calls
         self.reviews = []            # the cases it was asked about (the proxy's classifier requests)
         self.fallback_classifier = None   # (stage, body) -> events: answers Claude Code's own classifier
@@ -682,6 +694,7 @@ class FakeCodex(FakeServer):
             self.limits, self.usage_headers, self.served = {}, {}, {}
             self.reviewer, self.reviews = None, []
             self.extra_models = {}
+            self.encodings = {"gzip", "zstd"}
             self.fallback_classifier, self.fallback_asked = None, []
 
     def turn(self, model="gpt-5.5"):
@@ -704,12 +717,15 @@ class FakeCodex(FakeServer):
         length = int(handler.headers.get("Content-Length") or 0)
         raw = handler.rfile.read(length)
         headers = {k.lower(): v for k, v in handler.headers.items()}
+        encoding = headers.get("content-encoding")
+        if encoding is not None and encoding not in self.encodings:
+            return self.send_json(handler, 415, {"detail": "Unsupported Content-Encoding: %s" % encoding})
         try:
-            body = json.loads(raw)
+            body = json.loads(decoded(raw, encoding))
         except ValueError:
             body = None
         with self.lock:
-            self.requests.append({"path": handler.path, "headers": headers, "body": body})
+            self.requests.append({"path": handler.path, "headers": headers, "body": body, "wire_bytes": len(raw)})
         lite = headers.get("x-openai-internal-codex-responses-lite") == "true"
         known = dict(KNOWN_MODELS, **self.extra_models)
         problem = self.header_problem(handler.path, headers, body) or \
@@ -4187,6 +4203,52 @@ class TestWhatTheBackendSays(ProxyCase):
         self.assertEqual(quota["windows"]["primary"], {"used_percent": 42.0, "window_minutes": 300, "resets_at": reset})
         self.assertEqual(quota["windows"]["secondary"]["used_percent"], 7.5)
         self.assertIn("Usage, 5h window: 42% used", "\n".join(cp.describe_quota(quota)), "what `status` prints")
+
+
+class TestCompressedUploads(ProxyCase):
+    """A large request goes up compressed, as the Codex CLI sends its turns (zstd where Python
+    has it, else gzip); a backend that refuses that gets plain JSON at once, from then on."""
+
+    def setUp(self):
+        ProxyCase.setUp(self)
+        self.proxy.codex.encoding = cp.upload_encoding()
+
+    def large(self):
+        words = " ".join("line %d of a long build log: compiling module_%d.py ... ok" % (n, n % 97) for n in range(18000))
+        return dict(BASIC, messages=[user(words)])
+
+    def test_a_large_request_goes_up_compressed_and_the_backend_reads_it(self):
+        body = self.large()
+        self.fake.reply(self.fake.turn().text("read it").completed())
+        answer = self.post(body)
+        self.assertEqual(answer.status, 200, answer.body[:300])
+        sent = self.fake.requests[-1]
+        self.assertEqual(sent["headers"]["content-encoding"], cp.upload_encoding())
+        plain = len(cp.json_bytes(sent["body"]))
+        self.assertGreater(plain, 1 << 20)
+        self.assertLess(sent["wire_bytes"], plain / 4, "a build log compresses well")
+        report("a %d KB request went up as %d KB (%s)" % (plain >> 10, sent["wire_bytes"] >> 10,
+                                                            sent["headers"]["content-encoding"]))
+        self.assertEqual(sent["body"]["input"][-1]["content"][0]["text"], body["messages"][0]["content"])
+
+    def test_a_small_request_goes_plain(self):
+        self.fake.reply(self.fake.turn().text("small").completed())
+        self.assertEqual(self.post(BASIC).status, 200)
+        self.assertNotIn("content-encoding", self.fake.requests[-1]["headers"])
+
+    def test_a_backend_that_refuses_compression_gets_plain_json_from_then_on(self):
+        from unittest import mock
+        warned = []
+        self.fake.encodings = set()
+        self.fake.reply(self.fake.turn().text("one").completed(), self.fake.turn().text("two").completed())
+        with mock.patch.object(cp, "warn", warned.append):
+            for text in ("one", "two"):
+                answer = self.post(self.large())
+                self.assertEqual((answer.status, answer.json()["content"][0]["text"]), (200, text))
+        self.assertEqual([r["headers"].get("content-encoding") for r in self.fake.requests], [None, None],
+                         "the refused attempt never reached a turn; both turns went plain")
+        self.assertEqual(len(warned), 1)
+        self.assertIn("sending them uncompressed from now on", warned[0])
 
 
 class TestModelCatalog(ProxyCase):
