@@ -70,6 +70,7 @@ and the lobby); command line.
 import argparse
 import base64
 import collections
+import copy
 import hashlib
 import hmac
 import http.client
@@ -3686,7 +3687,78 @@ class ClientGone(Exception):
 # Bytes from which a request goes compressed: a Claude Code turn is 50 KB to 1 MB of JSON; 50 KB
 # packs to 21 KB in 0.6 ms of CPU, which a link slower than ~500 Mbit/s wins back in upload time.
 COMPRESS_FROM = 16 << 10
+ROUTING_HEADER = "x-openai-account-routing-override"
 ENCODING_REFUSED_RE = re.compile(r"(?i)content[- ]encoding|decompress|compress|zstd|gzip")
+
+
+Route = collections.namedtuple("Route", "origin override client checked")
+
+
+class WorkspaceRoutes:
+    """Where each login's turns go, as GET {backend}/wham/accounts/check says (what the
+    Codex CLI asks before its first turn): the workspace's origin, and its data-residency
+    override (`us`, `us_cr`) sent as x-openai-account-routing-override. Plus and Pro
+    accounts say NO_CONSTRAINT at chatgpt.com: nothing changes. Asked once per login an
+    hour; an answer the backend does not give (a 404, a timeout) leaves the turn as it was."""
+
+    TTL = 3600.0
+    FAILED_TTL = 300.0
+
+    def __init__(self, client):
+        self.client = client
+        self.path = client.base.rsplit("/", 1)[0] + "/wham/accounts/check"   # /backend-api/wham/accounts/check
+        self.lock = threading.Lock()
+        self.known = {}      # ChatGPT account id -> Route
+        self.clients = {}    # origin -> CodexClient for a workspace's own origin
+
+    def route(self, store):
+        """The Route for the login in ``store`` (asking when not known), or None."""
+        try:
+            account_id = store.credentials()[1]
+        except (ProxyError, OSError):
+            return None
+        route = self.known.get(account_id)
+        if route is None or time.monotonic() - route.checked > (self.TTL if route.origin else self.FAILED_TTL):
+            route = self._ask(store, account_id)
+        return route
+
+    def _ask(self, store, account_id):
+        try:
+            doc, _ = self.client.get_json(self.path, store)
+        except (ProxyError, CodexFailure, UpstreamBroken, OSError):
+            doc = None
+        entries = doc.get("accounts") if isinstance(doc, dict) and isinstance(doc.get("accounts"), list) else []
+        entry = next((a for a in entries if isinstance(a, dict) and a.get("id") == account_id), None) or \
+            (entries[0] if len(entries) == 1 and isinstance(entries[0], dict) else {})
+        origin = entry.get("workspace_backend_origin")
+        origin = origin.rstrip("/") if isinstance(origin, str) and re.match(r"https?://[^/\s]+/?\Z", origin) else None
+        override = entry.get("account_routing_override")
+        override = override if isinstance(override, str) and override not in ("", "NO_CONSTRAINT") else None
+        route = Route(origin, override, self._client_for(origin), time.monotonic())
+        with self.lock:
+            self.known[account_id] = route
+        return route
+
+    def _client_for(self, origin):
+        """None for this client's own origin; else a client for the workspace's origin."""
+        client = self.client
+        if origin is None or origin == "%s://%s%s" % ("https" if client.https else "http", client.host,
+                                                     "" if client.port in (80, 443) else ":%d" % client.port):
+            return None
+        with self.lock:
+            if origin not in self.clients:
+                config = copy.copy(client.config)
+                config.upstream = origin + client.base
+                self.clients[origin] = CodexClient(config, client.tokens, routed=False)
+            return self.clients[origin]
+
+    def describe(self, store):
+        """One line for `doctor`: where this login's turns go."""
+        route = self.route(store)
+        if route is None or (route.origin is None and route.override is None):
+            return "workspace routing: none given (turns go to %s)" % self.client.config.upstream
+        return "workspace routing: %s%s" % (route.origin or self.client.config.upstream,
+                                           ", data residency %s" % route.override if route.override else "")
 
 
 def compressed(payload, encoding):
@@ -3713,7 +3785,7 @@ class CodexClient:
 
     HANDBACK_WAIT = 0.25   # seconds a new turn waits for a connection that is being handed back
 
-    def __init__(self, config, tokens):
+    def __init__(self, config, tokens, routed=True):
         self.config = config
         self.tokens = tokens   # a TokenStore, or the AccountPool (its first login): for calls without a store
         url = urlsplit(config.upstream)
@@ -3729,6 +3801,7 @@ class CodexClient:
         self._lock = threading.Condition()
         self._finishing = 0   # streams whose reply is complete, about to hand their connection back
         self.encoding = upload_encoding()   # of large request bodies; None once the backend refused it
+        self.routes = WorkspaceRoutes(self) if routed else None
         self.turn_states = collections.OrderedDict()   # prompt cache key -> x-codex-turn-state
 
     def auth_headers(self, force_refresh=False, store=None, version=None):
@@ -3748,12 +3821,13 @@ class CodexClient:
             headers["ChatGPT-Account-ID"] = chatgpt_account_id
         return headers
 
-    def open(self, payload, context, store=None, estimate=None):
+    def open(self, payload, context, store=None, estimate=None, extra=None):
         """POST a turn for the login in ``store``; return a CodexStream for a 200,
         else raise CodexFailure, UpstreamBroken, or the store's ProxyError.
         ``estimate()`` gives the request's input tokens: it is asked once the request
         is sent, while the backend thinks, so that it never delays the first byte."""
-        estimate = estimate or (lambda: estimate_tokens(json.loads(payload)))
+        if extra is not None:   # routed here by another client, headers already built
+            return self.open_here(payload, context, store, estimate, extra)
         extra = {"Content-Type": "application/json", "Accept": "text/event-stream",
                  "session-id": context.cache_key, "thread-id": context.cache_key,
                  "x-client-request-id": context.cache_key}
@@ -3762,6 +3836,17 @@ class CodexClient:
         state = self.turn_states.get(context.cache_key) if context.continues_turn else None
         if state:
             extra[TURN_STATE_HEADER] = state
+        route = self.routes.route(store or self.tokens) if self.routes is not None else None
+        if route and route.override:
+            extra[ROUTING_HEADER] = route.override
+        if route and route.client is not None:   # the workspace's own origin (data residency)
+            return route.client.open(payload, context, store, estimate, extra)
+        return self.open_here(payload, context, store, estimate, extra)
+
+    def open_here(self, payload, context, store=None, estimate=None, extra=None):
+        """``open`` on this client's own origin, with ``extra`` headers as built there."""
+        extra = dict(extra or {})
+        estimate = estimate or (lambda: estimate_tokens(json.loads(payload)))
         body, encoding = self.upload(payload)
         if encoding:
             extra["Content-Encoding"] = encoding
@@ -3798,9 +3883,9 @@ class CodexClient:
             if state:
                 lru_put(self.turn_states, key, state, 1024)
 
-    def get_json(self, path):
+    def get_json(self, path, store=None):
         """GET a JSON document from the backend: (document, response headers)."""
-        conn, response = self._request("GET", path, None, {"Accept": "application/json"})
+        conn, response = self._request("GET", path, None, {"Accept": "application/json"}, store)
         if response.status != 200:
             raise self._failure(conn, response, None)
         try:
@@ -3825,8 +3910,7 @@ class CodexClient:
 
     def _failure(self, conn, response, context, estimate=None):
         body = drain(response)
-        response.close()
-        conn.close()
+        self._finish(conn, response)   # an error read to its end leaves the connection good to reuse
         return self._failure_of(response.status, body, response.headers, context, estimate)
 
     def _failure_of(self, status, body, headers, context, estimate=None):
@@ -5899,6 +5983,9 @@ def cmd_start(args):
         return 1
     print("\n".join(start_banner(server)))
     sys.stdout.flush()
+    first = server.accounts.first()
+    if first is not None:   # where its turns go, asked now rather than before the first turn
+        threading.Thread(target=server.codex.routes.route, args=(first.store,), daemon=True).start()
     import signal
 
     def stop(signum, frame):
@@ -6285,6 +6372,7 @@ class Doctor:
             return self.failures
         self.check(True, outbound_summary(config))
         client = CodexClient(config, store)
+        self.check(True, client.routes.describe(store))
         try:
             catalog = ModelCatalog(config, client).refresh()
             self.check(True, "Codex backend reachable at %s, %d models for this account" % (config.upstream, len(catalog)))

@@ -34,7 +34,7 @@ Stream translation (the reducer, pure) and web search
 Upstream client: the failure table, errors, timeouts, faults, the model catalog
     TestUpstreamFailureTable, TestUpstreamErrors, TestUpstreamTimeouts,
     TestUpstreamUnreachable, TestUpstreamFaults, TestModelsFollowTheBackend, TestWhatTheBackendSays,
-    TestCompressedUploads, TestModelCatalog
+    TestCompressedUploads, TestWorkspaceRouting, TestModelCatalog
 
 Safeguards: auto mode's check of each tool call, Claude Code's own classifier
     TestAutoModeSafeguards, TestAutoModeSafeguardsOff, TestClaudeCodesOwnClassifier
@@ -645,6 +645,7 @@ class FakeCodex(FakeServer):
         self.connections = 0
         self.extra_models = {}       # slug -> catalog entry of models a test adds (serve)
         self.encodings = {"gzip", "zstd"}   # request Content-Encodings taken (the backend takes both)
+        self.routing = None          # (origin or None for this one, override): answers wham/accounts/check
         self.reviewer = None         # case -> events or Reply: plays the model that judges auto mode's calls
         self.reviews = []            # the cases it was asked about (the proxy's classifier requests)
         self.fallback_classifier = None   # (stage, body) -> events: answers Claude Code's own classifier
@@ -673,6 +674,12 @@ class FakeCodex(FakeServer):
             return self.send_json(handler, 200, {"models": models}, {"ETag": 'W/"fake"'})
         if handler.path == "/backend-api/wham/usage" and self.usage is not None:
             return self.send_json(handler, 200, self.usage)
+        if handler.path == "/backend-api/wham/accounts/check" and self.routing is not None:
+            origin, override = self.routing   # as the Codex CLI 0.171 oracle saw it answered
+            return self.send_json(handler, 200, {"accounts": [{
+                "id": self.token_accounts.get(headers["authorization"][7:], ACCOUNT_ID),
+                "workspace_backend_origin": origin or self.url.rsplit("/backend-api", 1)[0],
+                "account_routing_override": override}]})
         self.send_json(handler, 404, {"detail": "Not Found"})
 
     def stop(self):
@@ -695,6 +702,7 @@ class FakeCodex(FakeServer):
             self.reviewer, self.reviews = None, []
             self.extra_models = {}
             self.encodings = {"gzip", "zstd"}
+            self.routing = None
             self.fallback_classifier, self.fallback_asked = None, []
 
     def turn(self, model="gpt-5.5"):
@@ -4251,6 +4259,43 @@ class TestCompressedUploads(ProxyCase):
         self.assertIn("sending them uncompressed from now on", warned[0])
 
 
+class TestWorkspaceRouting(ProxyCase):
+    """What GET wham/accounts/check says (as the Codex CLI asks it before a session): a
+    data-residency workspace's override goes on its turns, and its turns go to its origin;
+    an account without a constraint (Plus, Pro) sees no change."""
+
+    def setUp(self):
+        ProxyCase.setUp(self)
+        self.proxy.codex.routes.known.clear()
+
+    def test_an_account_without_a_constraint_sees_no_change(self):
+        self.fake.routing = (None, "NO_CONSTRAINT")
+        self.fake.reply(self.fake.turn().text("plain").completed())
+        self.assertEqual(self.post(BASIC).status, 200)
+        self.assertNotIn(cp.ROUTING_HEADER, self.fake.requests[-1]["headers"])
+        self.assertIn("/backend-api/wham/accounts/check", self.fake.gets)
+
+    def test_a_residency_workspace_gets_its_override_and_its_origin(self):
+        other = FakeCodex().start()
+        self.addCleanup(other.stop)
+        other.reply(other.turn().text("served in the us").completed(), other.turn().text("again").completed())
+        self.fake.routing = (other.url.rsplit("/backend-api", 1)[0], "us")
+        for text in ("served in the us", "again"):
+            answer = self.post(BASIC)
+            self.assertEqual((answer.status, answer.json()["content"][0]["text"]), (200, text))
+        self.assertEqual(self.fake.requests, [], "no turn went to the configured origin")
+        self.assertEqual([r["headers"][cp.ROUTING_HEADER] for r in other.requests], ["us", "us"])
+        self.assertEqual(self.fake.gets.count("/backend-api/wham/accounts/check"), 1, "asked once, then cached")
+        store = self.proxy.accounts.default.store
+        self.assertEqual(self.proxy.codex.routes.describe(store), "workspace routing: %s, data residency us"
+                         % other.url.rsplit("/backend-api", 1)[0])
+
+    def test_a_backend_that_does_not_answer_the_check_changes_nothing(self):
+        self.fake.reply(self.fake.turn().text("as before").completed())
+        self.assertEqual(self.post(BASIC).status, 200)
+        self.assertNotIn(cp.ROUTING_HEADER, self.fake.requests[-1]["headers"])
+
+
 class TestModelCatalog(ProxyCase):
 
     def setUp(self):
@@ -5951,7 +5996,7 @@ class TestDoctor(CliCase):
         result = self.run_cli("doctor")
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         lines = result.stdout.splitlines()
-        self.assertEqual([l[0] for l in lines[:-1]], ["\u2713"] * 14, result.stdout)
+        self.assertEqual([l[0] for l in lines[:-1]], ["\u2713"] * 15, result.stdout)
         for words in ("Python", "ChatGPT login in", "token file mode 0600", "access token valid",
                       "the login can be refreshed and saved", "proxy-home is writable",
                       "Codex backend reachable", "opus -> gpt-6.2-sol is available", "Connecting to 127.0.0.1 directly", "haiku -> gpt-6-luna is available",
@@ -6070,9 +6115,9 @@ class TestRequestLog(CliCase):
 
     def test_verbose_line_and_json_log_per_request(self):
         log = self.root / "requests.jsonl"
-        self.fake.reply(self.fake.turn().text("logged").completed(input_tokens=900, cached=600, output_tokens=12),
+        self.fake.reply(self.fake.turn("gpt-6.2-sol").text("logged").completed(input_tokens=900, cached=600, output_tokens=12),
                         Reply(status=429, body={"error": {"type": "usage_limit_reached", "resets_in_seconds": 90}}),
-                        Reply(status=502, body=b"bad gateway"), self.fake.turn().text("retried").completed())
+                        Reply(status=502, body=b"bad gateway"), self.fake.turn("gpt-6.2-sol").text("retried").completed())
         process = subprocess.Popen([sys.executable, str(HERE / "codex_proxy.py"), "start", "--verbose",
                                     "--log-file", str(log)], env=self.env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
