@@ -3699,7 +3699,9 @@ class WorkspaceRoutes:
     Codex CLI asks before its first turn): the workspace's origin, and its data-residency
     override (`us`, `us_cr`) sent as x-openai-account-routing-override. Plus and Pro
     accounts say NO_CONSTRAINT at chatgpt.com: nothing changes. Asked once per login an
-    hour; an answer the backend does not give (a 404, a timeout) leaves the turn as it was."""
+    hour; an answer the backend does not give (a 404, a timeout) leaves the turn as it was.
+    Turns move to another origin only from the default upstream: one the user set
+    (CODEX_PROXY_UPSTREAM, a gateway) is where they go, as the CLI keeps its own base URL."""
 
     TTL = 3600.0
     FAILED_TTL = 300.0
@@ -3710,6 +3712,7 @@ class WorkspaceRoutes:
         self.lock = threading.Lock()
         self.known = {}      # ChatGPT account id -> Route
         self.clients = {}    # origin -> CodexClient for a workspace's own origin
+        self.follow_origins = client.config.upstream == DEFAULT_UPSTREAM
 
     def route(self, store):
         """The Route for the login in ``store`` (asking when not known), or None."""
@@ -3742,8 +3745,8 @@ class WorkspaceRoutes:
     def _client_for(self, origin):
         """None for this client's own origin; else a client for the workspace's origin."""
         client = self.client
-        if origin is None or origin == "%s://%s%s" % ("https" if client.https else "http", client.host,
-                                                     "" if client.port in (80, 443) else ":%d" % client.port):
+        if origin is None or not self.follow_origins or origin == "%s://%s%s" % (
+                "https" if client.https else "http", client.host, "" if client.port in (80, 443) else ":%d" % client.port):
             return None
         with self.lock:
             if origin not in self.clients:

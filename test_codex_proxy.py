@@ -51,9 +51,9 @@ Command line: env, the launcher, doctor, a named login, the request log, the man
     TestStartCommand, TestEnvCommand, TestLauncher, TestDoctor,
     TestOnlyANamedLogin, TestRequestLog, TestManual
 
-Judged by real clients: Claude Code CLI and the official Python SDK; a fresh clone's data
+Judged by real clients: Claude Code CLI, the Codex CLI, the official Python SDK; a fresh clone's data
     TestClaudeCode, TestClaudeCodeAutoMode, TestClaudeCodeAutoModeInteractive, TestClaudeCodeWebSearch,
-    TestAnthropicSDK,
+    TestCodexCliOracle (the real Codex CLI on the upstream side), TestAnthropicSDK,
     TestFreshCloneData
 """
 
@@ -208,14 +208,26 @@ def fallback_stage(body):
     return "severity" if "<severity>" in tail else "block" if "<block>" in tail else None
 
 
+def zstd_module():
+    """Something that decompresses zstd: the standard library's (3.14+), or the zstandard package."""
+    for name in ("compression.zstd", "zstandard"):
+        try:
+            return __import__("importlib").import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
 def decoded(raw, encoding):
-    """A request body as the backend reads it: gzip, or zstd where Python has it (3.14+)."""
+    """A request body as the backend reads it: gzip or zstd (what the Codex CLI sends)."""
     if encoding == "gzip":
         import gzip
         return gzip.decompress(raw)
     if encoding == "zstd":
-        from compression import zstd
-        return zstd.decompress(raw)
+        module = zstd_module()
+        if module.__name__ == "zstandard":   # its frames may not say their size: read them as a stream
+            return module.ZstdDecompressor().decompressobj().decompress(raw)
+        return module.decompress(raw)
     return raw
 
 
@@ -260,9 +272,9 @@ def codex_request_problem(body, issued, lite=False, known=None):
         if problem:
             return 400, problem
         spaces = body["input"][0]["tools"]
-        body = dict(body, instructions="", tools=spaces[0]["tools"] if spaces else [], input=body["input"][1:])
-    elif not isinstance(body.get("instructions"), str):
-        return 400, "Instructions are required"
+        body = dict(body, tools=[tool for space in spaces for tool in space["tools"]], input=body["input"][1:])
+    elif not isinstance(body.get("instructions", ""), str):   # optional: the Codex CLI 0.171 never sends it
+        return 400, "Invalid 'instructions'"
     model = body.get("model")
     if model not in known:   # retired ones too (gpt-5.4-mini since 2026-08-31): the same words
         return 400, "The '%s' model is not supported when using Codex with a ChatGPT account." % model
@@ -287,9 +299,17 @@ def codex_request_problem(body, issued, lite=False, known=None):
     names = set()
     for i, tool in enumerate(tools):
         if tool.get("type") == "web_search":
-            extra = set(tool) - {"type", "external_web_access", "filters", "user_location", "search_context_size"}
+            extra = set(tool) - {"type", "external_web_access", "filters", "user_location", "search_context_size",
+                                 "search_content_types"}
             if extra or not isinstance(tool.get("external_web_access"), bool):
                 return 400, "Invalid 'tools[%d]' web_search: %s" % (i, sorted(extra))
+            continue
+        if tool.get("type") in ("custom", "namespace", "tool_search"):   # what the Codex CLI 0.171 sends
+            if tool["type"] != "tool_search" and not isinstance(tool.get("name"), str):
+                return 400, "Invalid 'tools[%d].name'" % i
+            if tool["type"] == "tool_search" and tool.get("execution") not in ("client", "server"):
+                return 400, "Invalid 'tools[%d].execution'" % i
+            names.add(tool.get("name"))
             continue
         if tool.get("type") != "function":
             return 400, "Invalid 'tools[%d].type'" % i
@@ -312,11 +332,7 @@ def codex_request_problem(body, issued, lite=False, known=None):
     for i, item in enumerate(body["input"]):
         if not isinstance(item, dict) or "type" not in item:
             return 400, "Invalid 'input[%d]'" % i
-        if "id" in item:
-            return 404, ("Item with id '%s' not found. Items are not persisted when `store` is set to "
-                         "false. Try again with `store` set to true, or remove this item from your input."
-                         % item["id"])
-        kind = item["type"]
+        kind = item["type"]   # an `id` on an item is taken with store false: the Codex CLI 0.171 sends one on each
         if kind == "message":
             role = item.get("role")
             if role not in PART_TYPES or not isinstance(item.get("content"), list) or not item["content"]:
@@ -328,13 +344,14 @@ def codex_request_problem(body, issued, lite=False, known=None):
                     return 400, "Invalid 'input[%d]' text" % i
                 if part["type"] == "input_image" and not re.match(r"^(data:image/|https?://)", part.get("image_url", "")):
                     return 400, "Invalid image_url in input[%d]" % i
-        elif kind == "function_call":
-            if not all(isinstance(item.get(k), str) and item[k] for k in ("call_id", "name", "arguments")):
-                return 400, "Invalid function_call in input[%d]" % i
-            if lite and item.get("namespace") != "functions":
-                return 400, "Lite: function_call input[%d] without its namespace" % i
+        elif kind in ("function_call", "custom_tool_call"):
+            arguments = "arguments" if kind == "function_call" else "input"
+            if not all(isinstance(item.get(k), str) and item[k] for k in ("call_id", "name", arguments)):
+                return 400, "Invalid %s in input[%d]" % (kind, i)
+            if lite and not item.get("namespace"):
+                return 400, "Lite: %s input[%d] without its namespace" % (kind, i)
             calls.add(item["call_id"])
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             if item.get("call_id") not in calls:
                 return 400, "No tool call found for function call output with call_id %s." % item.get("call_id")
             if not isinstance(item.get("output"), (str, list)):
@@ -380,11 +397,12 @@ def lite_problem(body, known=None):
         return "Lite: no top-level instructions or tools"
     first = body["input"][0] if body["input"] else {}
     namespaces = first.get("tools") if first.get("type") == "additional_tools" else None
-    if first.get("role") != "developer" or not isinstance(namespaces, list) or len(namespaces) > 1:
+    if first.get("role") != "developer" or not isinstance(namespaces, list):
         return "Lite: input[0] must be additional_tools"
-    if namespaces and (namespaces[0].get("type") != "namespace" or namespaces[0].get("name") != "functions"
-                       or not isinstance(namespaces[0].get("tools"), list) or not namespaces[0]["tools"]):
-        return "Lite: the functions namespace holds at least one tool (Codex sends none without tools)"
+    for space in namespaces:   # the Codex CLI sends several (functions, collaboration, clock), none empty
+        if space.get("type") != "namespace" or not isinstance(space.get("name"), str) \
+                or not isinstance(space.get("tools"), list) or not space["tools"]:
+            return "Lite: each namespace has a name and at least one tool"
     if body.get("parallel_tool_calls") is not False or (body.get("reasoning") or {}).get("context") != "all_turns":
         return "Lite: parallel_tool_calls false and reasoning.context all_turns"
     for item in body["input"][1:]:
@@ -646,6 +664,7 @@ class FakeCodex(FakeServer):
         self.extra_models = {}       # slug -> catalog entry of models a test adds (serve)
         self.encodings = {"gzip", "zstd"}   # request Content-Encodings taken (the backend takes both)
         self.routing = None          # (origin or None for this one, override): answers wham/accounts/check
+        self.refused = []            # (path, (status, detail)) of every request refused as the backend would
         self.reviewer = None         # case -> events or Reply: plays the model that judges auto mode's calls
         self.reviews = []            # the cases it was asked about (the proxy's classifier requests)
         self.fallback_classifier = None   # (stage, body) -> events: answers Claude Code's own classifier
@@ -674,6 +693,8 @@ class FakeCodex(FakeServer):
             return self.send_json(handler, 200, {"models": models}, {"ETag": 'W/"fake"'})
         if handler.path == "/backend-api/wham/usage" and self.usage is not None:
             return self.send_json(handler, 200, self.usage)
+        if handler.path == "/backend-api/codex/responses" and headers.get("upgrade", "").lower() == "websocket":
+            return self.send_json(handler, 426, {"detail": "Upgrade Required"})   # the CLI falls back to SSE
         if handler.path == "/backend-api/wham/accounts/check" and self.routing is not None:
             origin, override = self.routing   # as the Codex CLI 0.171 oracle saw it answered
             return self.send_json(handler, 200, {"accounts": [{
@@ -703,6 +724,7 @@ class FakeCodex(FakeServer):
             self.extra_models = {}
             self.encodings = {"gzip", "zstd"}
             self.routing = None
+            self.refused = []
             self.fallback_classifier, self.fallback_asked = None, []
 
     def turn(self, model="gpt-5.5"):
@@ -740,6 +762,8 @@ class FakeCodex(FakeServer):
             version_problem((body or {}).get("model") if isinstance(body, dict) else None, headers, known) or \
             codex_request_problem(body, self.issued, lite, known)
         if problem:
+            with self.lock:
+                self.refused.append((handler.path, problem))
             return self.send_json(handler, problem[0], {"detail": problem[1]})
         if self.refuse and self.refuse[0](body, headers):
             return self.send_json(handler, self.refuse[1], self.refuse[2])
@@ -4267,6 +4291,7 @@ class TestWorkspaceRouting(ProxyCase):
     def setUp(self):
         ProxyCase.setUp(self)
         self.proxy.codex.routes.known.clear()
+        self.proxy.codex.routes.follow_origins = True   # as from the default upstream, chatgpt.com
 
     def test_an_account_without_a_constraint_sees_no_change(self):
         self.fake.routing = (None, "NO_CONSTRAINT")
@@ -6190,7 +6215,7 @@ class TestManual(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# Judged by real clients: Claude Code CLI and the official Python SDK; a fresh clone's data
+# Judged by real clients: Claude Code CLI, the Codex CLI, the official Python SDK; a fresh clone's data
 # ---------------------------------------------------------------------------
 
 class RecordingHandler(cp.ProxyHandler):
@@ -6507,6 +6532,176 @@ class TestClaudeCodeWebSearch(ProxyCase):
         self.assertEqual(len(outputs), 1)
         self.assertIn("https://example.com/codex-proxy", outputs[0])
         self.assertIn("Example Docs", outputs[0])
+
+
+CODEX = os.environ.get("CODEX_PROXY_CODEX") or shutil.which("codex")
+
+# Where the proxy's requests knowingly differ from what the real Codex CLI 0.171 sends for the same
+# kind of turn: (what, name) -> why. The oracle test fails when a difference appears or goes away.
+ORACLE_DIFFERENCES = {
+    ("header", "x-codex-turn-metadata"): "the CLI's telemetry (installation, window, sandbox, turn ids)",
+    ("header", "x-codex-window-id"): "the CLI's window of a thread; the proxy has no windows",
+    ("header", "x-codex-beta-features"): "remote_compaction_v2: Claude Code compacts by itself",
+    ("header", "x-codex-routing-hint"): "model=<slug>; not shown to be required (drift 2.3)",
+    ("body", "client_metadata"): "the CLI's thread, turn and installation ids; nothing the answer depends on",
+    ("body", "instructions"): "the proxy sends \"\" in the classic shape; the CLI puts its base prompt in input[0]",
+    ("item message", "id"): "the CLI names every item it sends (msg_<uuid>); taken with store false, not needed",
+    ("item message", "internal_chat_message_metadata_passthrough"): "the CLI's provenance metadata",
+    ("item function_call", "id"): "the call's item id (fc_...), echoed by the CLI; the call_id pairs it",
+    ("item function_call", "status"): "\"completed\" on every replayed call",
+    ("item function_call", "internal_chat_message_metadata_passthrough"): "the CLI's provenance metadata",
+    ("item function_call_output", "id"): "the CLI's own id for the output (fco_...)",
+    ("item function_call_output", "internal_chat_message_metadata_passthrough"): "the CLI's provenance metadata",
+    ("item reasoning", "id"): "the reasoning item's id (rs_...), echoed by the CLI",
+    ("item reasoning", "content"): "null in every CLI request",
+    ("item reasoning", "internal_chat_message_metadata_passthrough"): "the CLI's provenance metadata",
+    ("tool type", "custom"): "the CLI's apply_patch grammar tool; Claude's tools are functions",
+    ("tool type", "namespace"): "the CLI's image_gen namespace",
+    ("tool type", "tool_search"): "the CLI's client-side tool search (issue 17 may adopt it)",
+    ("tool type", "web_search"): "the CLI always offers web search; the proxy only when Claude asks for it",
+}
+ORACLE_IGNORED_HEADERS = {"host", "content-length", "connection", "x-codex-turn-state"}   # transport, or per turn
+
+
+@needs(CODEX and zstd_module(), "Codex CLI or a zstd decoder not found: npm install @openai/codex@0.171.0; "
+                                "pip install zstandard (.ci/run does both)")
+class TestCodexCliOracle(unittest.TestCase):
+    """The real Codex CLI 0.171 judges the upstream side, as the real Claude Code judges the
+    Anthropic side: `codex exec` runs a text turn, a tool loop and a Lite model against FakeCodex;
+    the fake must take everything it sends, and the proxy's requests for the same kinds of turn
+    must have its header names, body keys and item and tool shapes, but for ORACLE_DIFFERENCES."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.fake = FakeCodex().start()
+        cls.root = Path(tempfile.mkdtemp(prefix="codex-proxy-oracle-"))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.fake.stop()
+        shutil.rmtree(str(cls.root), ignore_errors=True)
+
+    def setUp(self):
+        self.fake.reset()
+        self.fake.routing = ("https://chatgpt.com", "NO_CONSTRAINT")   # what a Plus account is told
+
+    def codex(self, model, prompt="say hi"):
+        """`codex exec` in an empty folder with a fresh CODEX_HOME (a ChatGPT login the fake takes)."""
+        home = Path(tempfile.mkdtemp(dir=str(self.root)))
+        for name in ("home", "codex", "work"):
+            (home / name).mkdir()
+        claims = {"exp": 4102444800, "email": "dev@example.com", "https://api.openai.com/auth": AUTH_CLAIMS}
+        access = make_jwt(claims)
+        self.fake.valid_tokens.add(access)
+        (home / "codex" / "auth.json").write_text(json.dumps({"auth_mode": "chatgpt", "OPENAI_API_KEY": None, "tokens": {
+            "id_token": make_jwt(claims), "access_token": access, "refresh_token": "rt-oracle", "account_id": ACCOUNT_ID},
+            "last_refresh": "2026-12-01T00:00:00Z"}))
+        port = self.fake.server.server_address[1]   # the two base URLs on different origins, as the recipe says
+        (home / "codex" / "config.toml").write_text(
+            'openai_base_url = "http://127.0.0.1:%d/backend-api/codex"\nchatgpt_base_url = "http://localhost:%d/backend-api/"\n'
+            'check_for_update_on_startup = false\n[features]\ndaemon_auto_start = false\n' % (port, port))
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home / "home"),
+               "CODEX_HOME": str(home / "codex"), "TERM": "dumb"}
+        result = subprocess.run([CODEX, "exec", "--skip-git-repo-check", "-m", model, prompt], cwd=str(home / "work"),
+                                env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
+        turns = [r for r in self.fake.requests if r["path"] == "/backend-api/codex/responses"]
+        refused = [problem for path, problem in self.fake.refused if path == "/backend-api/codex/responses"]
+        self.assertEqual(refused, [], "the fake refused what the real CLI sent")
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        return result.stdout, turns
+
+    def proxy_requests(self, *bodies):
+        """What the proxy sends the same fake for ``bodies`` (Anthropic requests; a callable
+        makes its body from the previous reply, a Message)."""
+        seen = len(self.fake.requests)
+        home = Path(tempfile.mkdtemp(dir=str(self.root)))
+        write_tokens(home / "tokens.json")
+        proxy = cp.ProxyServer(make_config(home, self.fake.url))
+        proxy.catalog.refresh()
+        threading.Thread(target=proxy.serve_forever, args=(0.05,), daemon=True).start()
+        try:
+            reply = None
+            for body in bodies:
+                body = body(reply) if callable(body) else body
+                conn = http.client.HTTPConnection("127.0.0.1", proxy.server_address[1], timeout=30)
+                conn.request("POST", "/v1/messages", json.dumps(body), {"x-api-key": PROXY_KEY,
+                                                                        "Content-Type": "application/json"})
+                response = conn.getresponse()
+                reply = json.loads(response.read())
+                self.assertEqual(response.status, 200, reply)
+                conn.close()
+        finally:
+            proxy.shutdown()
+            proxy.server_close()
+            proxy.codex.close_idle()
+        return [r for r in self.fake.requests[seen:] if r["path"] == "/backend-api/codex/responses"]
+
+    def shapes(self, request):
+        """{(what, name)} of a /responses request: header names, body keys, item and tool shapes."""
+        out = {("header", name) for name in request["headers"] if name not in ORACLE_IGNORED_HEADERS}
+        out |= {("body", key) for key in request["body"]}
+        for item in request["body"]["input"]:
+            out |= {("item " + item["type"], key) for key in item if item["type"] != "additional_tools"}
+        tools = request["body"].get("tools") or [tool for space in request["body"]["input"][0].get("tools") or []
+                                                 for tool in space.get("tools") or []]
+        for tool in tools:
+            out.add(("tool type", tool["type"]))
+            if tool["type"] == "function":
+                out |= {("function tool", key) for key in tool}
+        return out
+
+    def assert_same_shapes(self, cli, proxy, extra=None):
+        """Every shape the two requests do not share is a documented difference, and every
+        documented difference of the kinds both requests have is still one."""
+        table = dict(ORACLE_DIFFERENCES, **(extra or {}))
+        mine, theirs = self.shapes(proxy), self.shapes(cli)
+        differ = mine ^ theirs
+        present = {what for what, _ in mine & theirs} | {"header", "body", "tool type"}
+        documented = {d for d in table if d[0] in present and (d in mine or d in theirs)}
+        detail = "\nCLI only: %s\nproxy only: %s" % (sorted(theirs - mine), sorted(mine - theirs))
+        self.assertEqual(sorted(differ - documented), [], "new differences from the real Codex CLI" + detail)
+        self.assertEqual(sorted(documented - differ), [], "documented differences that are gone" + detail)
+
+    def padded(self, **body):
+        """A request the size of Claude Code's first one (compressed on its way, as the CLI's are)."""
+        return dict(BASIC, system="You are a coding agent working in a repository. " * 600, **body)
+
+    def test_a_text_turn(self):
+        self.fake.reply(self.fake.turn().text("oracle says hi").completed())
+        out, turns = self.codex("gpt-5.5")
+        self.assertIn("oracle says hi", out)
+        self.assertEqual(len(turns), 1)
+        self.fake.reply(self.fake.turn().text("proxy says hi").completed())
+        self.assert_same_shapes(turns[0], self.proxy_requests(self.padded(tools=[BASH_TOOL]))[0])
+
+    def test_a_tool_loop(self):
+        self.fake.reply(self.fake.turn().reasoning(["Run it."]).tool_call("exec_command", {"cmd": "echo oracle-tool-ok"})
+                        .completed(), self.fake.turn().text("the command printed oracle-tool-ok").completed())
+        out, turns = self.codex("gpt-5.5", "run echo oracle-tool-ok")
+        self.assertIn("the command printed oracle-tool-ok", out)
+        self.assertEqual(len(turns), 2)
+        outputs = [i for i in turns[1]["body"]["input"] if i["type"] == "function_call_output"]
+        self.assertIn("oracle-tool-ok", outputs[0]["output"], "the CLI really ran the command")
+        first = self.fake.turn().reasoning(["Run it."]).tool_call("Bash", {"command": "echo proxy-tool-ok"})
+        self.fake.reply(first.completed(), self.fake.turn().text("done").completed())
+        start = self.padded(tools=[BASH_TOOL], messages=[user("run it")])
+
+        def tool_result(reply):   # Claude Code sends the call back with its result (hidden reasoning is replayed)
+            call = next(b for b in reply["content"] if b["type"] == "tool_use")
+            return dict(start, messages=start["messages"] + [
+                {"role": "assistant", "content": reply["content"]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"], "content": "proxy-tool-ok"}]}])
+        self.assert_same_shapes(turns[1], self.proxy_requests(start, tool_result)[1])
+
+    def test_a_lite_model(self):
+        self.fake.reply(self.fake.turn("gpt-5.6-sol").text("lite says hi").completed())
+        out, turns = self.codex("gpt-5.6-sol")
+        self.assertIn("lite says hi", out)
+        self.assertEqual(turns[0]["headers"].get("x-openai-internal-codex-responses-lite"), "true")
+        self.fake.reply(self.fake.turn("gpt-5.6-sol").text("proxy lite").completed())
+        proxy = self.proxy_requests(self.padded(model="gpt-5.6-sol", tools=[BASH_TOOL]))[0]
+        self.assertEqual(proxy["headers"].get("x-openai-internal-codex-responses-lite"), "true")
+        self.assert_same_shapes(turns[0], proxy)
 
 
 @needs(anthropic, "anthropic SDK not installed (pip install anthropic)")
