@@ -474,6 +474,18 @@ def proxy_for(scheme, host, port):
     return url
 
 
+def is_loopback(host):
+    """This machine: 127.0.0.0/8, ::1 or localhost."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def shown_proxy(url):
     """A proxy URL as it may be shown: without its credentials."""
     parts = urlsplit(url if "://" in url else "http://" + url)
@@ -3804,6 +3816,9 @@ class CodexClient:
         self._lock = threading.Condition()
         self._finishing = 0   # streams whose reply is complete, about to hand their connection back
         self.encoding = upload_encoding()   # of large request bodies; None once the backend refused it
+        # Compression pays for itself only over a network: to this machine (a local gateway, a test
+        # double) it would be time spent for no upload saved.
+        self.compress_from = None if is_loopback(self.host) else COMPRESS_FROM
         self.routes = WorkspaceRoutes(self) if routed else None
         self.turn_states = collections.OrderedDict()   # prompt cache key -> x-codex-turn-state
 
@@ -3874,7 +3889,7 @@ class CodexClient:
     def upload(self, payload):
         """(the body to send, its Content-Encoding or None): a large request goes compressed,
         as the Codex CLI sends every turn (zstd; gzip where Python has no zstd, before 3.14)."""
-        if self.encoding is None or len(payload) < COMPRESS_FROM:
+        if self.encoding is None or self.compress_from is None or len(payload) < self.compress_from:
             return payload, None
         return compressed(payload, self.encoding), self.encoding
 
@@ -5953,17 +5968,6 @@ def cmd_env(args):
     for name, value in env.items():
         print(shell_line(args.shell, name, value))
     return 0
-
-
-def is_loopback(host):
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    import ipaddress
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def cmd_start(args):

@@ -4244,6 +4244,8 @@ class TestCompressedUploads(ProxyCase):
     def setUp(self):
         ProxyCase.setUp(self)
         self.proxy.codex.encoding = cp.upload_encoding()
+        self.proxy.codex.compress_from = cp.COMPRESS_FROM   # as to the real backend (not this machine)
+        self.addCleanup(setattr, self.proxy.codex, "compress_from", None)
 
     def large(self):
         words = " ".join("line %d of a long build log: compiling module_%d.py ... ok" % (n, n % 97) for n in range(18000))
@@ -4262,6 +4264,11 @@ class TestCompressedUploads(ProxyCase):
         report("a %d KB request went up as %d KB (%s)" % (plain >> 10, sent["wire_bytes"] >> 10,
                                                             sent["headers"]["content-encoding"]))
         self.assertEqual(sent["body"]["input"][-1]["content"][0]["text"], body["messages"][0]["content"])
+
+    def test_an_upstream_on_this_machine_gets_plain_json(self):
+        self.assertIsNone(cp.CodexClient(make_config(self.home, self.fake.url), None).compress_from)
+        self.assertEqual(cp.CodexClient(make_config(self.home, "https://chatgpt.com/backend-api/codex"),
+                                        None).compress_from, cp.COMPRESS_FROM)
 
     def test_a_small_request_goes_plain(self):
         self.fake.reply(self.fake.turn().text("small").completed())
@@ -6617,6 +6624,7 @@ class TestCodexCliOracle(unittest.TestCase):
         home = Path(tempfile.mkdtemp(dir=str(self.root)))
         write_tokens(home / "tokens.json")
         proxy = cp.ProxyServer(make_config(home, self.fake.url))
+        proxy.codex.compress_from = cp.COMPRESS_FROM   # as to the real backend, where the CLI compresses too
         proxy.catalog.refresh()
         threading.Thread(target=proxy.serve_forever, args=(0.05,), daemon=True).start()
         try:
