@@ -260,14 +260,14 @@ class Proxy:
         return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024.0
 
     def settled_rss_mb(self):
-        """RSS once it stops changing (the last reply's memory is given back just after it is sent)."""
-        last, deadline = self.rss_mb(), time.monotonic() + 2.0
-        while time.monotonic() < deadline:
+        """RSS once it has not changed for 0.3 s (the memory of the last replies is given back
+        just after they are sent), at most after 5 s."""
+        last, since, deadline = self.rss_mb(), time.monotonic(), time.monotonic() + 5.0
+        while time.monotonic() < deadline and time.monotonic() - since < 0.3:
             time.sleep(0.05)
             now = self.rss_mb()
-            if now == last:
-                break
-            last = now
+            if now != last:
+                last, since = now, time.monotonic()
         return last
 
     def stop(self):
