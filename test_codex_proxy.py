@@ -53,7 +53,8 @@ Command line: env, the launcher, doctor, a named login, the request log, the man
 
 Judged by real clients: Claude Code CLI, the Codex CLI, the official Python SDK; a fresh clone's data
     TestClaudeCode, TestClaudeCodeAutoMode, TestClaudeCodeAutoModeInteractive, TestClaudeCodeWebSearch,
-    TestCodexCliOracle (the real Codex CLI on the upstream side), TestAnthropicSDK,
+    TestRecordedCodexCliTraffic, TestCodexCliOracle (the real Codex CLI on the upstream side),
+    TestAnthropicSDK,
     TestFreshCloneData
 """
 
@@ -6568,6 +6569,24 @@ ORACLE_DIFFERENCES = {
     ("tool type", "web_search"): "the CLI always offers web search; the proxy only when Claude asks for it",
 }
 ORACLE_IGNORED_HEADERS = {"host", "content-length", "connection", "x-codex-turn-state"}   # transport, or per turn
+
+
+class TestRecordedCodexCliTraffic(unittest.TestCase):
+    """What the real Codex CLI 0.171 sent (recorded), the fake takes: it is no stricter than the backend."""
+
+    def test_every_turn_the_recorded_cli_sent_passes_the_fake(self):
+        """The captures of ../shared/fixtures/codex-cli-0.171, fed to the fake's rules."""
+        files = sorted(fixture("codex-cli-0.171").glob("*/*-POST-backend_api_codex_responses.json"))
+        self.assertGreaterEqual(len(files), 5)
+        for path in files:
+            with self.subTest(capture="%s/%s" % (path.parent.name, path.name)):
+                capture = json.loads(path.read_text())
+                headers = {name.lower(): value for name, value in capture["headers"]}
+                body = capture["body"]
+                issued = {item.get("encrypted_content") for item in body["input"] if item.get("type") == "reasoning"}
+                lite = headers.get("x-openai-internal-codex-responses-lite") == "true"
+                self.assertIsNone(version_problem(body["model"], headers, KNOWN_MODELS))
+                self.assertIsNone(codex_request_problem(body, issued, lite), body["model"])
 
 
 @needs(CODEX and zstd_module(), "Codex CLI or a zstd decoder not found: npm install @openai/codex@0.171.0; "
