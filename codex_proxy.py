@@ -1742,7 +1742,8 @@ class RequestContext:
         self.remapped = None                     # (configured model, the one serving, why) of a stale default
 
 
-def translate_request(body, headers, config, catalog=None, downgrades=None, recall=None, account=None):
+def translate_request(body, headers, config, catalog=None, downgrades=None, recall=None, account=None,
+                      arguments=None):
     """Anthropic /v1/messages body -> (Codex /responses body, RequestContext).
 
     Pure: no I/O. ``catalog`` maps model slugs to Codex catalog entries (the
@@ -1751,6 +1752,7 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
     ProxyError(400) naming the offending field. ``recall(tool_use_id, model)``
     gives the encrypted reasoning kept for a tool call whose client hid thinking.
     ``account`` is the Account the request goes to: only its reasoning is replayed.
+    ``arguments(tool_use_id)`` gives a tool call's arguments as the model wrote them.
     """
     requested, messages = checked_request(body)
     headers = {str(k).lower(): v for k, v in dict(headers or {}).items()}
@@ -1760,7 +1762,7 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
         model, why = current_model(model, catalog)
         remapped = (split_effort(config.models[family])[0], model, why) if why else None
     refuse_unsupported(body)
-    state = Conversation(model, recall, account.tag if account else "")
+    state = Conversation(model, recall, account.tag if account else "", arguments)
     items, tools = translate_input(body, messages, state)
     entry = (catalog or {}).get(model) if isinstance((catalog or {}).get(model), dict) else {}
     codex, thinking = codex_options(body, model, items, tools, state.names, entry, catalog, suffix_effort,
@@ -2242,9 +2244,10 @@ class Conversation:
     """What translating one request's messages needs to know and collects: tool
     names, the tools added or removed mid-conversation, hidden reasoning."""
 
-    def __init__(self, model, recall=None, account_tag=""):
+    def __init__(self, model, recall=None, account_tag="", arguments=None):
         self.model = model
         self.recall = recall
+        self.arguments = arguments       # tool_use id -> the arguments the model wrote (WrittenArguments), or None
         self.account_tag = account_tag   # Account.tag of the login the request goes to
         self.names = {}      # client tool name -> Codex tool name
         self.declared = {}   # client tool name -> its Codex function tool
@@ -2536,7 +2539,10 @@ def translate_assistant_blocks(items, blocks, state):
             name = block.get("name") if isinstance(block.get("name"), str) else "tool"
             names.setdefault(name, codex_tool_name(name))
             arguments = block.get("input")
-            if not isinstance(arguments, str):
+            written = state.arguments(block.get("id")) if state.arguments and isinstance(block.get("id"), str) else None
+            if written is not None and tool_input(written) == arguments:
+                arguments = written   # as the model wrote it: the backend's cache sees its own bytes
+            elif not isinstance(arguments, str):
                 arguments = json.dumps(arguments if arguments is not None else {},
                                        ensure_ascii=False, separators=(",", ":"))
             items.append({"type": "function_call", "call_id": codex_call_id(block.get("id")),
@@ -2654,8 +2660,18 @@ def prompt_cache_key(body, headers):
         first = next((m.get("content") for m in body.get("messages") or []
                       if isinstance(m, dict) and m.get("role") == "user"), "")
         session = "first-user:" + hashlib.sha256(
-            json.dumps(first, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+            json.dumps(keyed_content(first), sort_keys=True, default=str).encode("utf-8", "replace")).hexdigest()
     return str(uuid.uuid5(CACHE_NAMESPACE, digest_of("%s\n%s" % (session, agent or ""))))
+
+
+def keyed_content(content):
+    """A message's content spelled one way, for the cache key: a string is one text block, and
+    cache_control (which Anthropic's caching advice moves from turn to turn) is left out."""
+    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if not isinstance(blocks, list):
+        return blocks
+    return [{k: v for k, v in block.items() if k != "cache_control"} if isinstance(block, dict) else block
+            for block in blocks]
 
 
 def metadata_session(metadata):
@@ -2977,6 +2993,32 @@ def thread_error(status, error_type, code, message):
     return ProxyError(status, error_type, message, details={"error_code": code})
 
 
+class WrittenArguments:
+    """The arguments of recent tool calls as the model wrote them, by tool_use id. The client
+    sends a call back parsed; when its input is unchanged, these bytes go upstream instead of
+    a new serialisation, so the history the backend sees is the one it wrote. Least recently
+    used first out, beyond ``max_items`` or ``max_bytes``."""
+
+    def __init__(self, max_items=8192, max_bytes=8 << 20):
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self.items = collections.OrderedDict()
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def remember(self, calls):
+        with self.lock:
+            for tool_id, written in calls:
+                old = self.items.pop(tool_id, None)
+                self.bytes += len(written) - (len(old) if old else 0)
+                self.items[tool_id] = written
+            while self.items and (len(self.items) > self.max_items or self.bytes > self.max_bytes):
+                self.bytes -= len(self.items.popitem(last=False)[1])
+
+    def recall(self, tool_id):
+        with self.lock:
+            return self.items.get(tool_id)
+
+
 class ReasoningCache:
     """The encrypted reasoning of replies whose client did not ask for thinking,
     by the tool_use ids it led to. Such a client sends the tool calls back without
@@ -3283,7 +3325,7 @@ class ResponseTranslator:
         self.upstream_usage = None
         self.stop_reason = None
         self.hidden_reasoning = []   # [encrypted_content, [tool_use ids]] when the client hides thinking
-        self.calls = []              # (tool_use id, name, input) of each tool call complete so far
+        self.calls = []              # (tool_use id, name, input, input JSON as written) of each complete call
         self.served_model = None     # the model response.created names (the backend may serve another)
         self.rate_limits = None      # the last codex.rate_limits event (usage windows, as over WebSocket)
 
@@ -3433,7 +3475,8 @@ class ResponseTranslator:
                 self._cut(item)
         self.tool_use = True
         if not self.finished:   # a call cut by max_tokens is not one the client runs
-            self.calls.append((item.tool_id, self.ctx.tool_names.get(item.name, item.name), tool_input(item.sent)))
+            self.calls.append((item.tool_id, self.ctx.tool_names.get(item.name, item.name), tool_input(item.sent),
+                               item.sent))
 
     def _search_done(self, item, payload):
         self.searches.done(payload)
@@ -4688,8 +4731,8 @@ class Relay:
     (for a retry, a downgrade or a move), the message thread.
     """
 
-    AFTER_REPLY = ("remember_hidden_reasoning", "calibrate_count", "record_usage", "note_quota", "note_served_model",
-                   "store_thread")
+    AFTER_REPLY = ("remember_hidden_reasoning", "remember_tool_arguments", "calibrate_count", "record_usage",
+                   "note_quota", "note_served_model", "store_thread")
 
     def __init__(self, server, writer):
         self.server = server
@@ -4723,7 +4766,7 @@ class Relay:
         tag = self.account.tag
         recall = lambda call_id, model: server.reasoning.recall(call_id, model, tag)
         codex, self.context = translate_request(body, headers, server.config, server.catalog.current(),
-                                                server.downgrades, recall, self.account)
+                                                server.downgrades, recall, self.account, server.arguments.recall)
         self.stream = body.get("stream") is True
         if note is not None:
             note.update(model=self.context.requested_model, upstream_model=self.context.model,
@@ -4998,6 +5041,12 @@ class Relay:
         if groups:
             self.server.reasoning.remember(self.context.model, self.account.tag, groups)
 
+    def remember_tool_arguments(self, finished):
+        """The arguments of the reply's tool calls as the model wrote them (WrittenArguments)."""
+        calls = [(call[0], call[3]) for call in finished.translator.calls if call[3]]
+        if calls:
+            self.server.arguments.remember(calls)
+
     def calibrate_count(self, finished):
         """How the backend counted this conversation's input, for count_tokens."""
         usage = finished.translator.upstream_usage
@@ -5079,6 +5128,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.ledger = UsageLedger(config)
         self.threads = ThreadStore()
         self.reasoning = ReasoningCache()
+        self.arguments = WrittenArguments()
         self.written_tools = WrittenTools()
         self.said = set()                   # what the console was told once (model remaps, client floors)
         self.keeper = Keeper(self)

@@ -26,7 +26,7 @@ Request translation (pure functions), the compatibility table, learned downgrade
 
 Conversation state kept between turns: threads, hidden reasoning, token counts
     TestMessageThreadsWithTheSDK, TestMessageThreads, TestHiddenReasoning,
-    TestWrittenTools, TestCountTokensCalibration
+    TestWrittenTools, TestTheBackendSeesItsOwnHistory, TestCountTokensCalibration
 
 Stream translation (the reducer, pure) and web search
     TestStreamTranslation, TestCodexCliStreams, TestWebSearch
@@ -3449,6 +3449,48 @@ class TestWrittenTools(unittest.TestCase):
         codex = translate(BASIC)[0]
         self.assertEqual(written.request_bytes(codex), cp.json_bytes(codex))
         self.assertEqual(len(written.recent), 0)
+
+
+class TestTheBackendSeesItsOwnHistory(ProxyCase):
+    """What the backend's prompt cache sees again is what it saw before: a tool call's arguments
+    as the model wrote them, and one cache key whatever cache_control does (issue 17)."""
+
+    WRITTEN = '{"command": "ls -la",   "description": "list"}'   # spacing no serialiser would choose
+
+    def loop(self, change=None):
+        self.fake.reply(self.fake.turn().tool_call("Bash", self.WRITTEN, call_id="call_written").completed(),
+                        self.fake.turn().text("done").completed())
+        first = dict(BASIC, tools=[BASH_TOOL], messages=[user("list the files")])
+        reply = self.post(first).json()
+        call = next(b for b in reply["content"] if b["type"] == "tool_use")
+        if change:
+            call = dict(call, input=dict(call["input"], **change))
+        result = {"type": "tool_result", "tool_use_id": call["id"], "content": "a b c"}
+        self.assertEqual(self.post(dict(first, messages=first["messages"] + [
+            {"role": "assistant", "content": [call]}, {"role": "user", "content": [result]}])).status, 200)
+        return next(i for i in self.sent()["input"] if i["type"] == "function_call")["arguments"]
+
+    def test_a_tool_call_goes_back_with_the_arguments_the_model_wrote(self):
+        self.assertEqual(self.loop(), self.WRITTEN)
+
+    def test_a_call_the_client_changed_goes_back_as_the_client_sent_it(self):
+        self.assertEqual(json.loads(self.loop(change={"command": "ls"})), {"command": "ls", "description": "list"})
+
+    def test_the_cache_key_does_not_move_with_cache_control(self):
+        text = "Refactor the parser."
+        spellings = [text, [{"type": "text", "text": text}],
+                     [{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]]
+        keys = {cp.prompt_cache_key(dict(BASIC, messages=[user(content)]), {}) for content in spellings}
+        self.assertEqual(len(keys), 1, "one conversation, one key")
+        other = cp.prompt_cache_key(dict(BASIC, messages=[user("Something else.")]), {})
+        self.assertNotIn(other, keys)
+
+    def test_the_arguments_kept_are_bounded(self):
+        kept = cp.WrittenArguments(max_items=3, max_bytes=100)
+        kept.remember([("a", "x" * 40), ("b", "y" * 40), ("c", "z" * 40)])
+        self.assertEqual((kept.recall("a"), len(kept.items), kept.bytes), (None, 2, 80), "the oldest went first")
+        kept.remember([("d", "1"), ("e", "2")])
+        self.assertEqual(list(kept.items), ["c", "d", "e"])
 
 
 class TestCountTokensCalibration(ProxyCase):
