@@ -1740,6 +1740,7 @@ class RequestContext:
         self.continues_turn = False              # the input ends with a tool result: a tool loop goes on
         self.client_version = CODEX_CLIENT_VERSION   # sent as `version` and in the User-Agent
         self.remapped = None                     # (configured model, the one serving, why) of a stale default
+        self.tool_search = None                  # the Codex name of the client's tool search, offered as Codex's
 
 
 def translate_request(body, headers, config, catalog=None, downgrades=None, recall=None, account=None,
@@ -1752,7 +1753,8 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
     ProxyError(400) naming the offending field. ``recall(tool_use_id, model)``
     gives the encrypted reasoning kept for a tool call whose client hid thinking.
     ``account`` is the Account the request goes to: only its reasoning is replayed.
-    ``arguments(tool_use_id)`` gives a tool call's arguments as the model wrote them.
+    ``arguments(tool_use_id, input)`` gives a tool call's arguments as the model wrote them,
+    when the client sends its input back unchanged.
     """
     requested, messages = checked_request(body)
     headers = {str(k).lower(): v for k, v in dict(headers or {}).items()}
@@ -1762,14 +1764,15 @@ def translate_request(body, headers, config, catalog=None, downgrades=None, reca
         model, why = current_model(model, catalog)
         remapped = (split_effort(config.models[family])[0], model, why) if why else None
     refuse_unsupported(body)
-    state = Conversation(model, recall, account.tag if account else "", arguments)
+    cache_key = prompt_cache_key(body, headers)
+    state = Conversation(model, recall, account.tag if account else "", arguments, cache_key)
     items, tools = translate_input(body, messages, state)
     entry = (catalog or {}).get(model) if isinstance((catalog or {}).get(model), dict) else {}
     codex, thinking = codex_options(body, model, items, tools, state.names, entry, catalog, suffix_effort,
-                                    prompt_cache_key(body, headers))
+                                    cache_key)
     rules = downgrades.for_model(model) if downgrades else ()
     lite = model_profile(model, catalog)[1] and config.responses_lite and "lite" not in rules \
-        and not any(t["type"] != "function" for t in tools)   # Lite refuses hosted tools
+        and all(t["type"] in LITE_TOOLS for t in tools)   # Lite refuses hosted tools
     if lite:
         make_lite(codex)
     context = request_context(body, codex, requested, state, thinking, catalog, config, lite, account)
@@ -1854,7 +1857,8 @@ def request_context(body, codex, requested, state, thinking, catalog, config, li
     limit = body.get("max_tokens")
     context.max_tokens = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0 else None
     items = codex["input"]
-    context.continues_turn = bool(items) and items[-1].get("type") == "function_call_output"
+    context.continues_turn = bool(items) and items[-1].get("type") in OUTPUT_CALLS
+    context.tool_search = state.names.get(state.search_tool) if state.search_tool else None
     return context
 
 
@@ -1988,11 +1992,16 @@ LITE_HEADER = "x-openai-internal-codex-responses-lite"
 TURN_STATE_HEADER = "x-codex-turn-state"
 
 
+LITE_TOOLS = ("function", "tool_search")   # the client-executed ones: Lite takes them, not hosted tools
+
+
 def make_lite(codex):
     """Reshape a classic body into "Responses Lite" (codex-backend.md 6.6), in place."""
     tools = codex.pop("tools")
     del codex["instructions"]
-    spaces = [{"type": "namespace", "name": "functions", "description": "", "tools": tools}] if tools else []
+    functions = [tool for tool in tools if tool["type"] == "function"]
+    spaces = [{"type": "namespace", "name": LOADED_NAMESPACE, "description": "", "tools": functions}] if functions else []
+    spaces += [tool for tool in tools if tool["type"] != "function"]
     codex["input"] = [{"type": "additional_tools", "role": "developer", "tools": spaces}] + codex["input"]   # as Codex: no empty namespace
     codex["parallel_tool_calls"] = False
     codex["reasoning"]["context"] = "all_turns"
@@ -2165,11 +2174,15 @@ def codex_call_id(value):
 
 
 def translate_tools(tools, state):
-    """Anthropic tools -> Codex function tools (and hosted web search)."""
+    """Anthropic tools -> Codex function tools (and hosted web search). With a client
+    that searches its deferred tools itself (Claude Code's ToolSearch), the search is
+    Codex's client-executed tool search and the deferred tools wait in ``state``
+    until a search result names them: the list sent stays the same all along."""
     if tools is None:
         return []
     if not isinstance(tools, list):
         raise invalid_request("tools: must be a list.")
+    state.search_tool = CLIENT_TOOL_SEARCH if client_searches(tools) else None
     out = []
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict):
@@ -2179,13 +2192,25 @@ def translate_tools(tools, state):
             out.append(web_search_tool(tool, "tools.%d" % i))
             continue
         if isinstance(kind, str) and kind.startswith(DEFERRED_TOOLS_SEARCH):
-            continue   # every deferred tool is offered from the start, so nothing needs searching
+            continue   # Anthropic's server-side search: every deferred tool is offered from the start
         name = tool.get("name")
         if not isinstance(name, str) or not name:
             raise invalid_request("tools.%d.name: field required." % i)
         definition = client_tool_definition(tool, "tools.%d" % i)
-        out.append(state.declare(name, definition))
+        if name == state.search_tool:
+            out.append(state.declare_search(definition))
+        elif state.search_tool and tool.get("defer_loading") is True:
+            state.defer(name, definition)
+        else:
+            out.append(state.declare(name, definition))
     return out
+
+
+def client_searches(tools):
+    """Whether the client loads deferred tools with a search tool of its own (Claude Code)."""
+    tools = [tool for tool in tools if isinstance(tool, dict)]
+    return any(tool.get("name") == CLIENT_TOOL_SEARCH for tool in tools) and \
+        any(tool.get("defer_loading") is True for tool in tools)
 
 
 def client_tool_definition(tool, path):
@@ -2211,6 +2236,8 @@ def unsupported(what, why, fix):
 
 
 DEFERRED_TOOLS_SEARCH = ("tool_search_tool_",)
+CLIENT_TOOL_SEARCH = "ToolSearch"   # Claude Code's: its results name tools (tool_reference blocks)
+LOADED_NAMESPACE = "functions"      # where loaded tools go: the namespace every function has upstream
 TEXT_EDITOR_SCHEMA = {"type": "object", "required": ["command", "path"], "properties": {
     "command": {"type": "string", "enum": ["view", "create", "str_replace", "insert", "undo_edit"]},
     "path": {"type": "string", "description": "Absolute path to the file or directory."},
@@ -2244,18 +2271,55 @@ class Conversation:
     """What translating one request's messages needs to know and collects: tool
     names, the tools added or removed mid-conversation, hidden reasoning."""
 
-    def __init__(self, model, recall=None, account_tag="", arguments=None):
+    def __init__(self, model, recall=None, account_tag="", arguments=None, cache_key=""):
         self.model = model
+        self.cache_key = cache_key       # the conversation's prompt_cache_key
         self.recall = recall
-        self.arguments = arguments       # tool_use id -> the arguments the model wrote (WrittenArguments), or None
+        self.arguments = arguments       # (tool_use id, input) -> the arguments the model wrote, or None
         self.account_tag = account_tag   # Account.tag of the login the request goes to
         self.names = {}      # client tool name -> Codex tool name
         self.declared = {}   # client tool name -> its Codex function tool
         self.changes = []    # ("add" | "remove", client name, Codex tool or None), in order
+        self.search_tool = None    # the client's tool search (CLIENT_TOOL_SEARCH), offered as Codex's
+        self.deferred = {}         # client name -> Codex function tool, loaded where a search names it
+        self.search_calls = set()  # tool_use ids of the client's searches
+        self.loads = []            # tools a tool_addition loads, waiting for their place in the input
 
     def declare(self, name, definition):
         self.declared[name] = self.function_tool(name, definition)
         return self.declared[name]
+
+    def declare_search(self, definition):
+        """The client's search tool as Codex's client-executed tool search, in its own words."""
+        self.names[self.search_tool] = codex_tool_name(self.search_tool)
+        description, schema = definition
+        return {"type": "tool_search", "execution": "client", "description": description,
+                "parameters": tool_parameters(schema)}
+
+    def defer(self, name, definition):
+        self.deferred[name] = dict(self.function_tool(name, definition), defer_loading=True)
+
+    def search_call(self, block, arguments):
+        """A search the client ran -> the tool_search_call the model made."""
+        self.search_calls.add(str(block.get("id")))
+        return {"type": "tool_search_call", "call_id": codex_call_id(block.get("id")), "status": "completed",
+                "execution": "client", "arguments": arguments if isinstance(arguments, dict) else {}}
+
+    def search_output(self, call_id, names):
+        """The tools a search found, as the tool_search_output the model reads them in."""
+        tools = [self.deferred[name] for name in dict.fromkeys(names) if name in self.deferred]
+        spaces = [{"type": "namespace", "name": LOADED_NAMESPACE, "description": "", "tools": tools}] if tools else []
+        return {"type": "tool_search_output", "call_id": call_id, "status": "completed", "execution": "client",
+                "tools": spaces}
+
+    def place_loads(self, items, path):
+        """Tools loaded by tool_addition blocks, as a search at this point of the input."""
+        if not self.loads:
+            return
+        names, self.loads = self.loads, []
+        block = {"id": "ts_" + digest_of("%s:%s" % (path, ",".join(names)))[:24]}
+        items.append(self.search_call(block, {"query": "select:" + ",".join(names), "max_results": len(names)}))
+        items.append(self.search_output(block["id"], names))
 
     def function_tool(self, name, definition):
         """The Codex function tool for a client tool, its (description, input_schema)."""
@@ -2273,11 +2337,18 @@ class Conversation:
             name = definition.get("name")
             if not isinstance(name, str) or not name:
                 raise invalid_request(path + ".tool.definition.name: field required.")
-            tool = self.function_tool(name, client_tool_definition(definition, path + ".tool.definition"))
-            self.changes.append(("add", name, tool))
+            definition = client_tool_definition(definition, path + ".tool.definition")
+            if self.search_tool:
+                self.defer(name, definition)
+                self.loads.append(name)
+            else:
+                self.changes.append(("add", name, self.function_tool(name, definition)))
         elif ref.get("type") == "tool_reference" and isinstance(ref.get("name"), str):
             name = ref["name"]
-            self.changes.append(("add" if kind == "tool_addition" else "remove", name, None))
+            if kind == "tool_addition" and name in self.deferred:
+                self.loads.append(name)
+            elif kind == "tool_addition":
+                self.changes.append(("add", name, None))
         else:
             raise unsupported("%s.tool of type %r" % (path, str(ref.get("type"))[:60]),
                               "MCP servers are not connected by the proxy", "refer to tools by name (tool_reference)")
@@ -2286,21 +2357,18 @@ class Conversation:
         return "The tool %s is no longer available; do not call it." % name
 
     def apply_tool_changes(self, tools):
-        """The tools in force after the last change: what the model may call now."""
+        """The tools offered, with those a tool_addition defines that could not be loaded
+        in place (no tool search): they join the list. A removed tool stays in it, so
+        what comes before the conversation stays the same; the model reads, at the
+        point of the removal, that the tool is gone."""
         if not self.changes:
             return tools
         offered = collections.OrderedDict((t.get("name"), t) for t in tools)
-        by_client_name = dict(self.declared)
-        for action, name, tool in self.changes:
-            codex_name = self.names.get(name) or codex_tool_name(name)
-            if action == "remove":
-                offered.pop(codex_name, None)
-                continue
-            tool = tool or by_client_name.get(name)
+        for _, name, tool in self.changes:
+            tool = tool or self.declared.get(name)
             if tool is None:
                 raise invalid_request("tool_addition: no tool named %r is declared in tools or defined earlier." % name[:80])
-            by_client_name[name] = tool
-            offered[codex_name] = tool
+            offered.setdefault(self.names.get(name) or codex_tool_name(name), tool)
         return list(offered.values())
 
 
@@ -2341,7 +2409,9 @@ def translate_tool_choice(choice, tools, names):
     if kind == "none":
         return "none", parallel
     if kind == "tool" and choice.get("name") in names:
-        return {"type": "function", "name": names[choice["name"]]}, parallel
+        if any(tool.get("name") == names[choice["name"]] for tool in tools):
+            return {"type": "function", "name": names[choice["name"]]}, parallel
+        return "required", parallel   # the tool search, or a deferred tool: no function the list names
     return "auto", parallel
 
 
@@ -2407,6 +2477,7 @@ def translate_message(items, message, path, state, followed_by_user=False):
         # clear_at "next_user_message": shown only until a later user message exists
         shown = not (followed_by_user and message.get("clear_at") == "next_user_message")
         add_developer_message(items, system_texts(blocks, state, path + ".content", shown))
+        state.place_loads(items, path)
     else:
         raise invalid_request(path + '.role: must be "user", "assistant" or "system".')
 
@@ -2419,10 +2490,13 @@ def translate_user_blocks(items, blocks, path, state):
             if parts:
                 items.append({"type": "message", "role": "user", "content": parts})
                 parts = []
-            if kind == "tool_result":
+            if kind == "tool_result" and str(block.get("tool_use_id")) in state.search_calls:
+                items.extend(search_result(block, state))
+            elif kind == "tool_result":
                 items.append(function_call_output(block))
             else:
                 add_developer_message(items, system_texts(block.get("content"), state, "%s.%d.content" % (path, j)))
+                state.place_loads(items, "%s.%d" % (path, j))
         elif kind == "container_upload" or (kind in ("image", "document") and isinstance(block.get("source"), dict)
                                              and block["source"].get("type") == "file"):
             raise unsupported("%s.%d: a %s from the Files API (file_id)" % (path, j, kind),
@@ -2511,15 +2585,31 @@ def function_call_output(block):
             "output": output}
 
 
+def search_result(block, state):
+    """The result of a client's tool search -> its tool_search_output; what else it says
+    (no match, an error) follows as text."""
+    content = block.get("content") if isinstance(block.get("content"), list) else []
+    names = [str(b.get("tool_name")) for b in content if isinstance(b, dict) and b.get("type") == "tool_reference"]
+    items = [state.search_output(codex_call_id(block.get("tool_use_id")), names)]
+    rest = dict(block, content=[b for b in content if not (isinstance(b, dict) and b.get("type") == "tool_reference")]) \
+        if isinstance(block.get("content"), list) else block
+    said = function_call_output(rest)["output"]
+    if said != "(no output)" or not names:
+        parts = said if isinstance(said, list) else [input_text(said)]
+        items.append({"type": "message", "role": "user", "content": parts})
+    return items
+
+
 def translate_assistant_blocks(items, blocks, state):
     parts = []
     model, names = state.model, state.names
     if state.recall and not any(b.get("type") == "thinking" and signature_content(b.get("signature"), model,
                                                                                   state.account_tag)
                                 for b in blocks):
-        # The client hid thinking: the reasoning behind these tool calls comes from the cache.
-        recalled = [state.recall(b["id"], model) for b in blocks
-                    if b.get("type") == "tool_use" and isinstance(b.get("id"), str)]
+        # The client hid thinking: the reasoning behind this reply comes from the cache.
+        recalled = recalled_for_text(blocks, state)
+        recalled += [state.recall(b["id"], model) for b in blocks
+                     if b.get("type") == "tool_use" and isinstance(b.get("id"), str)]
         for encrypted in sorted(set(filter(None, recalled)), key=recalled.index):
             items.append({"type": "reasoning", "summary": [], "encrypted_content": encrypted})
 
@@ -2539,14 +2629,21 @@ def translate_assistant_blocks(items, blocks, state):
             name = block.get("name") if isinstance(block.get("name"), str) else "tool"
             names.setdefault(name, codex_tool_name(name))
             arguments = block.get("input")
-            written = state.arguments(block.get("id")) if state.arguments and isinstance(block.get("id"), str) else None
-            if written is not None and tool_input(written) == arguments:
+            if name == state.search_tool:
+                items.append(state.search_call(block, arguments))
+                continue
+            written = state.arguments(block["id"], arguments) if state.arguments and isinstance(block.get("id"), str) \
+                else None
+            if written is not None:
                 arguments = written   # as the model wrote it: the backend's cache sees its own bytes
             elif not isinstance(arguments, str):
                 arguments = json.dumps(arguments if arguments is not None else {},
                                        ensure_ascii=False, separators=(",", ":"))
-            items.append({"type": "function_call", "call_id": codex_call_id(block.get("id")),
-                          "name": names[name], "arguments": arguments})
+            call = {"type": "function_call", "call_id": codex_call_id(block.get("id")),
+                    "name": names[name], "arguments": arguments}
+            if name in state.deferred:
+                call["namespace"] = LOADED_NAMESPACE   # as the model called it: from where it was loaded
+            items.append(call)
         elif kind == "thinking":
             encrypted = signature_content(block.get("signature"), model, state.account_tag)
             if encrypted:
@@ -2561,6 +2658,18 @@ def translate_assistant_blocks(items, blocks, state):
             if text:
                 parts.append({"type": "output_text", "text": text})
     flush()
+
+
+def recalled_for_text(blocks, state):
+    """The hidden reasoning kept for a reply by its text (reply_key), in order."""
+    texts = [b["text"] for b in blocks if b.get("type") == "text" and isinstance(b.get("text"), str) and b["text"]]
+    found = []
+    while texts:
+        encrypted = state.recall(reply_key(state.cache_key, texts, len(found)), state.model)
+        if encrypted is None:
+            break
+        found.append(encrypted)
+    return found
 
 
 def history_text(block):
@@ -2604,33 +2713,26 @@ def signature_content(signature, model, account_tag=""):
 
 
 def repair_tool_pairs(items):
-    """Make every function_call have one output and every output a call.
+    """Make every call (function_call, tool_search_call) have one output and every output a call.
 
     The backend rejects both orphans ("No tool call found for function call
     output", "No tool output found for function call"); interrupted turns and
     client-side compaction produce them.
     """
-    answered = set()
-    calls = set()
-    for item in items:
-        if item["type"] == "function_call":
-            calls.add(item["call_id"])
-        elif item["type"] == "function_call_output" and item["call_id"] in calls:
-            answered.add(item["call_id"])
+    calls = {item["call_id"] for item in items if item["type"] in CALL_OUTPUTS}
+    answered = {item["call_id"] for item in items if item["type"] in OUTPUT_CALLS and item["call_id"] in calls}
     out = []
     seen_calls, seen_outputs = set(), set()
     for item in items:
-        kind = item["type"]
-        if kind == "function_call":
-            if item["call_id"] in seen_calls:
+        kind, call_id = item["type"], item.get("call_id")
+        if kind in CALL_OUTPUTS:
+            if call_id in seen_calls:
                 continue
-            seen_calls.add(item["call_id"])
+            seen_calls.add(call_id)
             out.append(item)
-            if item["call_id"] not in answered:
-                out.append({"type": "function_call_output", "call_id": item["call_id"],
-                            "output": MISSING_OUTPUT})
-        elif kind == "function_call_output":
-            call_id = item["call_id"]
+            if call_id not in answered:
+                out.append(missing_output(item))
+        elif kind in OUTPUT_CALLS:
             if call_id in seen_outputs:
                 continue
             if call_id in seen_calls and call_id in answered:
@@ -2643,11 +2745,30 @@ def repair_tool_pairs(items):
     return out
 
 
+CALL_OUTPUTS = {"function_call": "function_call_output", "tool_search_call": "tool_search_output"}
+OUTPUT_CALLS = {output: call for call, output in CALL_OUTPUTS.items()}
+
+
+def missing_output(call):
+    if call["type"] == "tool_search_call":
+        return {"type": "tool_search_output", "call_id": call["call_id"], "status": "completed",
+                "execution": "client", "tools": []}
+    return {"type": "function_call_output", "call_id": call["call_id"], "output": MISSING_OUTPUT}
+
+
 def orphan_output_message(item):
-    output = item["output"]
+    if item["type"] == "tool_search_output":
+        output = "Tools loaded: %s" % ", ".join(loaded_names(item)) if loaded_names(item) else "No tools loaded."
+    else:
+        output = item["output"]
     parts = [input_text("Result of an earlier tool call (%s):" % item["call_id"])]
     parts += [input_text(output)] if isinstance(output, str) else output
     return {"type": "message", "role": "user", "content": parts}
+
+
+def loaded_names(item):
+    """The names of the tools a tool_search_output loads."""
+    return [tool.get("name") for space in item.get("tools") or () for tool in space.get("tools") or ()]
 
 
 def prompt_cache_key(body, headers):
@@ -2720,6 +2841,7 @@ DOWNGRADES = {   # rule -> what the user gets instead, for the log and `doctor`
     "reasoning_summary": "no reasoning summaries (thinking blocks carry no text)",
     "verbosity": "no text.verbosity (the backend's default length)",
     "reasoning_replay": "earlier reasoning is not sent back",
+    "tool_search": "deferred tools are offered as plain tools (each tool load sends the prompt again uncached)",
 }
 REFUSED_PART_RE = re.compile(r"(?i)\b(?:unsupported|unknown|unrecognized|invalid|missing required)\s+"
                              r"(?:parameter|value|type|argument)|\binvalid\s+'")
@@ -2759,9 +2881,14 @@ def downgrade_rule(name, codex):
             return "input_file"
         if item.get("type") == "reasoning":
             return "reasoning_replay"
+        if str(item.get("type")).startswith("tool_search") or (item.get("namespace") and not lite):
+            return "tool_search"
         if lite and (item.get("type") == "additional_tools" or name.endswith(".namespace")):
             return "lite"
         return None
+    if searches_tools(codex) and (name in TOOL_SEARCH_WORDS or (name == "namespace" and not lite)
+                                  or tool_at(codex, name).get("type") == "tool_search"):
+        return "tool_search"
     if name.startswith("tool_choice") and codex.get("tool_choice") != "auto":
         return "tool_choice"
     if name in ("reasoning.summary", "summary") and "summary" in reasoning:
@@ -2775,6 +2902,28 @@ def downgrade_rule(name, codex):
     if lite and name in ("additional_tools", "namespace", "reasoning.context"):
         return "lite"
     return None
+
+
+TOOL_SEARCH_WORDS = ("tool_search", "tool_search_call", "tool_search_output", "execution", "defer_loading")
+TOOL_PATH_RE = re.compile(r"tools\[(\d+)\]")
+
+
+def searches_tools(codex):
+    return any(tool.get("type") == "tool_search" for tool in offered_tools(codex))
+
+
+def offered_tools(codex):
+    """The tools of a body in either shape, namespaces opened."""
+    items = codex.get("input") or [{}]
+    tools = codex.get("tools") if "tools" in codex else items[0].get("tools") or []
+    return [tool for space in tools for tool in (space.get("tools") or [] if space.get("type") == "namespace" else [space])]
+
+
+def tool_at(codex, name):
+    """The top-level tool a field path such as tools[3].type points at, or {}."""
+    match = TOOL_PATH_RE.match(name)
+    tools = codex.get("tools") or []
+    return tools[int(match.group(1))] if match and int(match.group(1)) < len(tools) else {}
 
 
 def has_items(codex, kind):
@@ -2813,6 +2962,44 @@ def apply_downgrade(codex, context, rule):
     elif rule == "lite" and context.lite:
         make_classic(codex)
         context.lite = False
+    elif rule == "tool_search" and context.tool_search:
+        plain_tool_search(codex, context.tool_search)
+
+
+def plain_tool_search(codex, name):
+    """Undo the tool search (in place): the client's search tool as a function named ``name``,
+    its calls and results as function calls and text, the tools it loaded offered from the start."""
+    lite = "tools" not in codex
+    tools = codex["input"][0]["tools"] if lite else codex["tools"]
+    loaded = collections.OrderedDict()
+    for n, item in enumerate(codex["input"]):
+        if item["type"] == "tool_search_call":
+            codex["input"][n] = {"type": "function_call", "call_id": item["call_id"], "name": name,
+                                 "arguments": json.dumps(item.get("arguments") or {}, ensure_ascii=False,
+                                                         separators=(",", ":"))}
+        elif item["type"] == "tool_search_output":
+            for space in item.get("tools") or ():
+                for tool in space.get("tools") or ():
+                    loaded[tool["name"]] = {k: v for k, v in tool.items() if k != "defer_loading"}
+            codex["input"][n] = {"type": "function_call_output", "call_id": item["call_id"], "output": "\n".join(
+                "Tool loaded: %s" % tool for tool in loaded_names(item)) or "No tools loaded."}
+        elif item["type"] == "function_call" and not lite:
+            item.pop("namespace", None)
+        if lite and codex["input"][n]["type"] == "function_call":
+            codex["input"][n]["namespace"] = LOADED_NAMESPACE
+    for n, tool in enumerate(tools):
+        if tool.get("type") == "tool_search":
+            tools[n] = {"type": "function", "name": name, "description": tool.get("description") or "",
+                        "parameters": tool.get("parameters") or {"type": "object", "properties": {}}, "strict": False}
+    if lite:   # Lite's functions live in its namespace
+        functions = [tool for tool in tools if tool.get("type") == "function"]
+        tools[:] = [tool for tool in tools if tool.get("type") != "function"]
+        if not tools or tools[0].get("type") != "namespace":
+            tools.insert(0, {"type": "namespace", "name": LOADED_NAMESPACE, "description": "", "tools": []})
+        tools[0]["tools"].extend(functions)
+        tools = tools[0]["tools"]
+    have = {tool.get("name") for tool in tools}
+    tools.extend(tool for tool_name, tool in loaded.items() if tool_name not in have)
 
 
 def switch_model(codex, context, model, catalog, config):
@@ -2820,7 +3007,7 @@ def switch_model(codex, context, model, catalog, config):
     window and client version follow."""
     efforts, lite, window = model_profile(model, catalog)
     lite = lite and config.responses_lite and context.lite is not None and \
-        not any(t.get("type") != "function" for t in codex.get("tools") or [])
+        all(t.get("type") in LITE_TOOLS for t in codex.get("tools") or [])
     if context.lite and not lite:
         make_classic(codex)
     elif lite and not context.lite:
@@ -2840,12 +3027,15 @@ def unsent_file(part):
 def make_classic(codex):
     """Undo make_lite: the classic shape, for a backend that refuses Lite for a model."""
     first = codex["input"].pop(0)
-    codex["tools"] = [tool for space in first.get("tools") or [] for tool in space.get("tools") or []]
+    codex["tools"] = [tool for space in first.get("tools") or []
+                      for tool in (space.get("tools") or [] if space.get("type") == "namespace" else [space])]
     codex["instructions"] = ""
     codex["parallel_tool_calls"] = bool(codex["tools"])
     codex["reasoning"].pop("context", None)
+    offered = {tool.get("name") for tool in codex["tools"]}
     for item in codex["input"]:
-        item.pop("namespace", None)
+        if item.get("name") in offered:   # a loaded tool keeps the namespace it was loaded in
+            item.pop("namespace", None)
 
 
 # ---------------------------------------------------------------------------
@@ -2993,69 +3183,237 @@ def thread_error(status, error_type, code, message):
     return ProxyError(status, error_type, message, details={"error_code": code})
 
 
+class KeptFile:
+    """A file of JSON lines that a cache of this section keeps across restarts, under
+    CODEX_PROXY_HOME at 0600: one line per entry, appended; entries older than ``ttl`` are
+    dropped when read; once the file passes ``max_bytes`` it is written again with the
+    entries the cache still holds. What goes in is never conversation text (digests,
+    names, the backend's encrypted content), so the file tells nothing of a conversation."""
+
+    def __init__(self, path, ttl, max_bytes, lost):
+        self.path, self.ttl, self.max_bytes, self.lost = path, ttl, max_bytes, lost
+        self.size = 0
+
+    def read(self):
+        """-> [entry dict] of the entries not expired, oldest first."""
+        try:
+            data = self.path.read_bytes()
+        except OSError:
+            return []
+        self.size = len(data)
+        since, entries = time.time() - self.ttl, []
+        for line in data.decode("utf-8", "replace").splitlines():
+            try:
+                entry = json.loads(line)
+                if isinstance(entry, dict) and isinstance(entry.get("k"), str) and int(entry["t"]) > since:
+                    entries.append(entry)
+            except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+                continue   # a line cut short by a crash, or not one the proxy wrote
+        return entries
+
+    def add(self, entries, live):
+        """Append ``entries``; or, past the bound, write the newest of ``live()`` (the entries
+        kept, oldest first) instead."""
+        data = "".join(json.dumps(entry) + "\n" for entry in entries).encode("utf-8")
+        if not data:
+            return
+        if self.size + len(data) > self.max_bytes:   # the newest entries, in half the bound
+            lines, room = [], self.max_bytes // 2
+            for entry in reversed(live()):
+                line = json.dumps(entry) + "\n"
+                room -= len(line)
+                if room < 0:
+                    break
+                lines.append(line)
+            text = "".join(reversed(lines))
+            if save_state_file(self.path, text, self.lost):
+                self.size = len(text.encode("utf-8"))
+            return
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(str(self.path), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                if not self._ends_a_line(fd):
+                    data = b"\n" + data   # a crash cut the last line: never glue an entry to it
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            self.size += len(data)
+            _unsaved_state.discard(self.path)
+        except OSError as exc:
+            state_not_saved(self.path, exc, self.lost)
+
+    @staticmethod
+    def _ends_a_line(fd):
+        if os.lseek(fd, 0, os.SEEK_END) == 0:
+            return True
+        os.lseek(fd, -1, os.SEEK_END)
+        return os.read(fd, 1) == b"\n"
+
+
+def kept_key(key):
+    """How a cache names an entry on disk: a digest of its key (a tool_use id, a reply key)."""
+    return digest_of(key)[:32]
+
+
 class WrittenArguments:
     """The arguments of recent tool calls as the model wrote them, by tool_use id. The client
     sends a call back parsed; when its input is unchanged, these bytes go upstream instead of
     a new serialisation, so the history the backend sees is the one it wrote. Least recently
-    used first out, beyond ``max_items`` or ``max_bytes``."""
+    used first out, beyond ``max_items`` or ``max_bytes``. With a ``path``
+    (CODEX_PROXY_HOME/arguments.jsonl, a KeptFile) a call whose arguments were spelled in one of
+    ARGUMENT_STYLES other than compact keeps that style across a restart, with a digest of its
+    input to know it unchanged: never the arguments themselves."""
 
-    def __init__(self, max_items=8192, max_bytes=8 << 20):
+    TTL = 7 * 86400
+
+    def __init__(self, path=None, max_items=8192, max_bytes=8 << 20, max_file_bytes=4 << 20):
         self.max_items, self.max_bytes = max_items, max_bytes
         self.items = collections.OrderedDict()
         self.bytes = 0
+        self.styles = collections.OrderedDict()   # kept_key -> (style, digest of the input, time)
         self.lock = threading.Lock()
+        self.file = path and KeptFile(path, self.TTL, max_file_bytes, "tool calls may be spelled "
+                                      "differently after a restart")
+        self.loaded = not self.file
 
     def remember(self, calls):
+        added, now = [], int(time.time())
         with self.lock:
             for tool_id, written in calls:
                 old = self.items.pop(tool_id, None)
                 self.bytes += len(written) - (len(old) if old else 0)
                 self.items[tool_id] = written
+                style = argument_style(written) if self.file else None
+                if style:
+                    self._load()
+                    key = kept_key(tool_id)
+                    lru_put(self.styles, key, (style, input_digest(tool_input(written)), now), self.max_items)
+                    added.append({"k": key, "s": style, "d": self.styles[key][1], "t": now})
             while self.items and (len(self.items) > self.max_items or self.bytes > self.max_bytes):
                 self.bytes -= len(self.items.popitem(last=False)[1])
+            if added:
+                self.file.add(added, lambda: [{"k": k, "s": v[0], "d": v[1], "t": v[2]} for k, v in self.styles.items()])
 
     def recall(self, tool_id):
         with self.lock:
             return self.items.get(tool_id)
 
+    def spelled(self, tool_id, value):
+        """The arguments to send for a call the client sends back with input ``value``:
+        as the model wrote them when the input is unchanged, else None."""
+        with self.lock:
+            written = self.items.get(tool_id)
+            if written is not None:
+                return written if tool_input(written) == value else None
+            self._load()
+            kept = self.styles.get(kept_key(tool_id)) if self.styles else None
+        if kept is None or not isinstance(value, dict) or input_digest(value) != kept[1]:
+            return None
+        return json.dumps(value, **ARGUMENT_STYLES[kept[0]])
+
+    def _load(self):
+        if self.loaded:
+            return
+        self.loaded = True
+        for entry in self.file.read():
+            if entry.get("s") in ARGUMENT_STYLES and isinstance(entry.get("d"), str):
+                lru_put(self.styles, entry["k"], (entry["s"], entry["d"], int(entry["t"])), self.max_items)
+
+
+# How a model may spell a call's arguments, other than compact with raw UTF-8.
+ARGUMENT_STYLES = {"spaced": {"ensure_ascii": False, "separators": (", ", ": ")},
+                   "ascii": {"ensure_ascii": True, "separators": (",", ":")},
+                   "spaced_ascii": {"ensure_ascii": True, "separators": (", ", ": ")}}
+
+
+def argument_style(written):
+    """The ARGUMENT_STYLES name that spells ``written`` again from its value, else None
+    (compact, or a spelling none of them gives)."""
+    value = tool_input(written)
+    if not value or json.dumps(value, ensure_ascii=False, separators=(",", ":")) == written:
+        return None
+    return next((name for name, style in ARGUMENT_STYLES.items() if json.dumps(value, **style) == written), None)
+
+
+def input_digest(value):
+    return digest_of(json.dumps(value, ensure_ascii=False, separators=(",", ":")))[:24]
+
 
 class ReasoningCache:
-    """The encrypted reasoning of replies whose client did not ask for thinking,
-    by the tool_use ids it led to. Such a client sends the tool calls back without
-    any thinking block; the reasoning item is put back in front of them, so the
-    model goes on with its chain of thought (the Codex backend's own advice),
-    and only for the model and the login that made it. Least recently used first
-    out, beyond ``max_items`` or ``max_bytes``."""
+    """The encrypted reasoning of replies whose client did not ask for thinking, by the
+    tool_use ids it led to, or for a reply of text only by the reply (reply_key). Such a
+    client sends the reply back without any thinking block; the reasoning item is put back
+    in front of it, so the model goes on with its chain of thought (the Codex backend's own
+    advice) and the backend sees the history it wrote, and only for the model and the login
+    that made it. Least recently used first out, beyond ``max_items`` or ``max_bytes``.
+    With a ``path`` (CODEX_PROXY_HOME/reasoning.jsonl) it is a KeptFile too, for a week, so a
+    conversation resumed after a restart is sent exactly as before."""
 
-    def __init__(self, max_items=4096, max_bytes=32 << 20):
+    TTL = 7 * 86400
+
+    def __init__(self, path=None, max_items=4096, max_bytes=32 << 20, max_file_bytes=16 << 20):
         self.max_items, self.max_bytes = max_items, max_bytes
-        self.items = collections.OrderedDict()   # tool_use id -> (model, account tag, encrypted_content)
+        self.items = collections.OrderedDict()   # kept_key -> (model, account tag, encrypted_content, time)
         self.bytes = 0
         self.lock = threading.Lock()
+        self.file = path and KeptFile(path, self.TTL, max_file_bytes, "hidden reasoning is sent again "
+                                      "only until the proxy stops")
+        self.loaded = not self.file   # read on first use: a client that shows thinking never needs it
 
     def remember(self, model, account_tag, groups):
-        """``groups``: [(encrypted_content, [tool_use ids])] from one reply."""
+        """``groups``: [(encrypted_content, [tool_use ids or reply keys])] from one reply."""
+        entry = (model, account_tag or "", None, int(time.time()))
         with self.lock:
-            for encrypted, call_ids in groups:
-                for call_id in call_ids:
-                    self._forget(call_id)
-                    self.items[call_id] = (model, account_tag, encrypted)
-                    self.bytes += len(encrypted)
-            while self.items and (len(self.items) > self.max_items or self.bytes > self.max_bytes):
-                self._forget(next(iter(self.items)))
+            self._load()
+            added = []
+            for encrypted, keys in groups:
+                for key in keys:
+                    self._put(kept_key(key), entry[:2] + (encrypted, entry[3]))
+                    added.append(self._line(kept_key(key)))
+            self._trim()
+            if self.file:
+                self.file.add(added, lambda: [self._line(key) for key in self.items])
 
-    def recall(self, call_id, model, account_tag):
+    def recall(self, key, model, account_tag):
         with self.lock:
-            entry = self.items.get(call_id)
-            if entry is None or entry[:2] != (model, account_tag):
+            self._load()
+            digest = kept_key(key)
+            entry = self.items.get(digest)
+            if entry is None or entry[:2] != (model, account_tag or "") or entry[3] < time.time() - self.TTL:
                 return None
-            self.items.move_to_end(call_id)
+            self.items.move_to_end(digest)
             return entry[2]
 
-    def _forget(self, call_id):
-        entry = self.items.pop(call_id, None)
-        if entry is not None:
-            self.bytes -= len(entry[2])
+    def _put(self, digest, entry):
+        old = self.items.pop(digest, None)
+        if old is not None:
+            self.bytes -= len(old[2])
+        self.items[digest] = entry
+        self.bytes += len(entry[2])
+
+    def _trim(self):
+        while self.items and (len(self.items) > self.max_items or self.bytes > self.max_bytes):
+            self.bytes -= len(self.items.popitem(last=False)[1][2])
+
+    def _line(self, digest):
+        model, tag, encrypted, when = self.items[digest]
+        return {"k": digest, "m": model, "a": tag, "e": encrypted, "t": when}
+
+    def _load(self):
+        if self.loaded:
+            return
+        self.loaded = True
+        for entry in self.file.read():
+            if all(isinstance(entry.get(name), str) for name in ("m", "a", "e")):
+                self._put(entry["k"], (entry["m"], entry["a"], entry["e"], int(entry["t"])))
+        self._trim()
+
+
+def reply_key(cache_key, texts, n=0):
+    """The key of the ``n``-th hidden reasoning of a reply of text only: its conversation and
+    its text blocks, which the client sends back as they were."""
+    return "reply:%s:%d:%s" % (cache_key, n, digest_of(json.dumps(texts, ensure_ascii=False)))
 
 
 class TokenCalibration:
@@ -3191,7 +3549,7 @@ class _Item:
 
 
 ITEM_KINDS = {"message": "message", "reasoning": "reasoning", "function_call": "function_call",
-              "web_search_call": "web_search"}
+              "web_search_call": "web_search", "tool_search_call": "tool_search"}
 DELTA_KINDS = {
     "response.output_text.delta": "message",
     "response.output_text.annotation.added": "message",
@@ -3326,6 +3684,7 @@ class ResponseTranslator:
         self.stop_reason = None
         self.hidden_reasoning = []   # [encrypted_content, [tool_use ids]] when the client hides thinking
         self.calls = []              # (tool_use id, name, input, input JSON as written) of each complete call
+        self.texts = []              # the text of each text block, in pieces
         self.served_model = None     # the model response.created names (the backend may serve another)
         self.rate_limits = None      # the last codex.rate_limits event (usage windows, as over WebSocket)
 
@@ -3481,6 +3840,20 @@ class ResponseTranslator:
     def _search_done(self, item, payload):
         self.searches.done(payload)
 
+    def reply_texts(self):
+        """The reply's text blocks, as the client keeps them."""
+        return ["".join(pieces) for pieces in self.texts]
+
+    def _tool_search_done(self, item, payload):
+        """The model searched the client's deferred tools: a call of the client's search tool."""
+        if not self.ctx.tool_search:
+            return   # no search was offered: nothing the client could run
+        arguments = payload.get("arguments")
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments if isinstance(arguments, dict) else {}, ensure_ascii=False,
+                                   separators=(",", ":"))
+        self._call_done(item, dict(payload, name=self.ctx.tool_search, arguments=arguments))
+
     def _text(self, item, delta):
         if not isinstance(delta, str) or not delta or self.finished:
             return
@@ -3506,7 +3879,9 @@ class ResponseTranslator:
         if text:
             if item.block is None:
                 self._open(item, {"type": "text", "text": ""})
+                self.texts.append([])
             self._delta(item, {"type": "text_delta", "text": text})
+            self.texts[-1].append(text)
         if over:
             self._cut(item)
 
@@ -3654,7 +4029,8 @@ class ResponseTranslator:
 ResponseTranslator.ITEM_DONE = {"reasoning": ResponseTranslator._reasoning_done,
                                 "message": ResponseTranslator._message_done,
                                 "function_call": ResponseTranslator._call_done,
-                                "web_search": ResponseTranslator._search_done}
+                                "web_search": ResponseTranslator._search_done,
+                                "tool_search": ResponseTranslator._tool_search_done}
 
 
 def web_result(page):
@@ -4766,7 +5142,7 @@ class Relay:
         tag = self.account.tag
         recall = lambda call_id, model: server.reasoning.recall(call_id, model, tag)
         codex, self.context = translate_request(body, headers, server.config, server.catalog.current(),
-                                                server.downgrades, recall, self.account, server.arguments.recall)
+                                                server.downgrades, recall, self.account, server.arguments.spelled)
         self.stream = body.get("stream") is True
         if note is not None:
             note.update(model=self.context.requested_model, upstream_model=self.context.model,
@@ -5036,8 +5412,15 @@ class Relay:
     # -- after a good reply: one step each ------------------------------------
 
     def remember_hidden_reasoning(self, finished):
-        """Reasoning the client did not see, kept for the tool calls it led to (ReasoningCache)."""
-        groups = [(encrypted, ids) for encrypted, ids in finished.translator.hidden_reasoning if ids]
+        """Reasoning the client did not see, kept for the tool calls it led to, or else for the
+        reply's text (ReasoningCache)."""
+        translator, groups, n = finished.translator, [], 0
+        texts = translator.reply_texts()
+        for encrypted, ids in translator.hidden_reasoning:
+            if not ids and texts:
+                ids, n = [reply_key(self.context.cache_key, texts, n)], n + 1
+            if ids:
+                groups.append((encrypted, ids))
         if groups:
             self.server.reasoning.remember(self.context.model, self.account.tag, groups)
 
@@ -5127,8 +5510,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.downgrades = LearnedDowngrades(config)
         self.ledger = UsageLedger(config)
         self.threads = ThreadStore()
-        self.reasoning = ReasoningCache()
-        self.arguments = WrittenArguments()
+        self.reasoning = ReasoningCache(config.home / "reasoning.jsonl")
+        self.arguments = WrittenArguments(config.home / "arguments.jsonl")
         self.written_tools = WrittenTools()
         self.said = set()                   # what the console was told once (model remaps, client floors)
         self.keeper = Keeper(self)

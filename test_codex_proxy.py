@@ -21,7 +21,7 @@ Accounts: logins, usage windows, failover, the usage ledger
     TestQuota
 
 Request translation (pure functions), the compatibility table, learned downgrades
-    TestRequestTranslation, TestToolNames, TestAnthropicCompatibility,
+    TestRequestTranslation, TestToolNames, TestToolLoadsKeepThePrefix, TestAnthropicCompatibility,
     TestCodexParity, TestCodexHeaders, TestSelfHealing
 
 Conversation state kept between turns: threads, hidden reasoning, token counts
@@ -252,7 +252,7 @@ def codex_request_problem(body, issued, lite=False, known=None):
         if problem:
             return 400, problem
         spaces = body["input"][0]["tools"]
-        body = dict(body, tools=[tool for space in spaces for tool in space["tools"]], input=body["input"][1:])
+        body = dict(body, tools=[tool for space in spaces for tool in space.get("tools", [space])], input=body["input"][1:])
     elif not isinstance(body.get("instructions", ""), str):   # optional: the Codex CLI 0.171 never sends it
         return 400, "Invalid 'instructions'"
     model = body.get("model")
@@ -309,6 +309,8 @@ def codex_request_problem(body, issued, lite=False, known=None):
     if not isinstance(body.get("parallel_tool_calls"), bool):
         return 400, "parallel_tool_calls must be a boolean"
     calls, answered = set(), set()
+    searches, searched = set(), set()
+    spaces = {tool.get("name") for tool in tools if tool.get("type") == "namespace"} | ({"functions"} if lite else set())
     for i, item in enumerate(body["input"]):
         if not isinstance(item, dict) or "type" not in item:
             return 400, "Invalid 'input[%d]'" % i
@@ -330,7 +332,24 @@ def codex_request_problem(body, issued, lite=False, known=None):
                 return 400, "Invalid %s in input[%d]" % (kind, i)
             if lite and not item.get("namespace"):
                 return 400, "Lite: %s input[%d] without its namespace" % (kind, i)
+            if "namespace" in item and item["namespace"] not in spaces:
+                return 400, "Unknown namespace %r in input[%d]" % (item["namespace"], i)
             calls.add(item["call_id"])
+        elif kind == "tool_search_call":   # as the Codex CLI replays a client-executed search
+            if not any(t.get("type") == "tool_search" and t.get("execution") == "client" for t in tools):
+                return 400, "Invalid 'input[%d]': tool_search_call without a client tool_search tool" % i
+            if not isinstance(item.get("call_id"), str) or item.get("execution") != "client" \
+                    or not isinstance(item.get("arguments"), dict):
+                return 400, "Invalid tool_search_call in input[%d]" % i
+            searches.add(item["call_id"])
+        elif kind == "tool_search_output":
+            if item.get("call_id") not in searches:
+                return 400, "No tool search call found for tool_search_output with call_id %s." % item.get("call_id")
+            problem = loaded_tools_problem(item, i)
+            if problem:
+                return 400, problem
+            spaces |= {space["name"] for space in item["tools"]}
+            searched.add(item["call_id"])
         elif kind in ("function_call_output", "custom_tool_call_output"):
             if item.get("call_id") not in calls:
                 return 400, "No tool call found for function call output with call_id %s." % item.get("call_id")
@@ -344,9 +363,25 @@ def codex_request_problem(body, issued, lite=False, known=None):
                 return 400, "Missing required parameter: 'input[%d].summary'." % i
         else:
             return 400, "Invalid input item type %r" % kind
-    missing = calls - answered
+    missing = (calls - answered) | (searches - searched)
     if missing:
         return 400, "No tool output found for function call %s." % sorted(missing)[0]
+    return None
+
+
+def loaded_tools_problem(item, i):
+    """A tool_search_output as Codex sends one: completed, client-executed, namespaces of functions."""
+    if item.get("execution") != "client" or item.get("status") != "completed" or not isinstance(item.get("tools"), list):
+        return "Invalid tool_search_output in input[%d]" % i
+    for j, space in enumerate(item["tools"]):
+        if space.get("type") != "namespace" or not isinstance(space.get("name"), str) \
+                or not isinstance(space.get("tools"), list) or not space["tools"]:
+            return "Invalid 'input[%d].tools[%d]': a namespace with its tools" % (i, j)
+        for tool in space["tools"]:
+            if tool.get("type") != "function" or not re.match(r"^[a-zA-Z0-9_-]{1,64}$", str(tool.get("name"))) \
+                    or tool.get("strict") is not False or tool.get("parameters", {}).get("type") != "object" \
+                    or set(tool) - {"type", "name", "description", "strict", "parameters", "defer_loading"}:
+                return "Invalid 'input[%d].tools[%d]' function %r" % (i, j, tool.get("name"))
     return None
 
 
@@ -380,6 +415,8 @@ def lite_problem(body, known=None):
     if first.get("role") != "developer" or not isinstance(namespaces, list):
         return "Lite: input[0] must be additional_tools"
     for space in namespaces:   # the Codex CLI sends several (functions, collaboration, clock), none empty
+        if space.get("type") == "tool_search" and space.get("execution") == "client":
+            continue   # a client-executed tool, which Lite takes (not a hosted one)
         if space.get("type") != "namespace" or not isinstance(space.get("name"), str) \
                 or not isinstance(space.get("tools"), list) or not space["tools"]:
             return "Lite: each namespace has a name and at least one tool"
@@ -484,7 +521,7 @@ class Turn:
         self.output.append(item)
         return self
 
-    def tool_call(self, name, arguments, call_id=None, pieces=3, deltas=True):
+    def tool_call(self, name, arguments, call_id=None, pieces=3, deltas=True, namespace=None):
         index, item_id = len(self.output), "fc_" + secrets.token_hex(16)
         call_id = call_id or "call_" + secrets.token_urlsafe(12).replace("-", "x")
         arguments = arguments if isinstance(arguments, str) else json.dumps(arguments)
@@ -497,6 +534,21 @@ class Turn:
         self.add("response.function_call_arguments.done", item_id=item_id, output_index=index, arguments=arguments)
         item = {"id": item_id, "type": "function_call", "status": "completed", "arguments": arguments,
                 "call_id": call_id, "name": name}
+        if namespace:   # a tool loaded by a tool search: called in the namespace it came in
+            item["namespace"] = namespace
+        self.add("response.output_item.done", output_index=index, item=item)
+        self.output.append(item)
+        return self
+
+    def tool_search(self, arguments, call_id=None):
+        """A client-executed tool search, as the backend streams one (arguments whole, at done)."""
+        index, item_id = len(self.output), "tsc_" + secrets.token_hex(16)
+        call_id = call_id or "call_" + secrets.token_urlsafe(12).replace("-", "x")
+        self.add("response.output_item.added", output_index=index, item={
+            "id": item_id, "type": "tool_search_call", "status": "in_progress", "execution": "client",
+            "call_id": call_id, "arguments": {}})
+        item = {"id": item_id, "type": "tool_search_call", "status": "completed", "execution": "client",
+                "call_id": call_id, "arguments": arguments}
         self.add("response.output_item.done", output_index=index, item=item)
         self.output.append(item)
         return self
@@ -2652,6 +2704,143 @@ class TestToolNames(unittest.TestCase):
         self.assertRegex(call["call_id"], r"^[a-zA-Z0-9_-]{1,64}$")
 
 
+# Claude Code's tool search, as 2.1.331 sends it (fixture 32): ToolSearch, a placeholder that keeps
+# deferral on, and the tools it loads joining `tools` with defer_loading once a search names them.
+TOOL_SEARCH_TOOL = {"name": "ToolSearch", "description": "Fetches full schema definitions for deferred tools.",
+                    "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+                                     "properties": {"query": {"type": "string"}, "max_results": {"type": "number"}},
+                                     "required": ["query", "max_results"], "additionalProperties": False}}
+PLACEHOLDER_TOOL = {"name": "DeferredToolPlaceholder", "description": "Reserved placeholder that keeps deferred tool "
+                    "loading active; never call this tool.", "input_schema": {"type": "object", "properties": {}},
+                    "defer_loading": True}
+WEBFETCH_TOOL = {"name": "WebFetch", "description": "Fetch a URL and read the page.", "defer_loading": True,
+                 "input_schema": {"type": "object", "properties": {"url": {"type": "string"}}, "required": ["url"]}}
+SEARCH_CALL = {"type": "tool_use", "id": "toolu_search", "name": "ToolSearch",
+               "input": {"query": "select:WebFetch", "max_results": 5}}
+SEARCH_RESULT = {"role": "user", "content": [
+    {"type": "tool_result", "tool_use_id": "toolu_search", "content": [{"type": "tool_reference", "tool_name": "WebFetch"}]},
+    {"type": "text", "text": "Tool loaded.", "cache_control": {"type": "ephemeral"}}]}
+FETCH_CALL = {"type": "tool_use", "id": "toolu_fetch", "name": "WebFetch", "input": {"url": "https://example.com"}}
+
+
+def searching_session():
+    """Three requests of one conversation: before the search, after it (WebFetch loaded), after the fetch."""
+    first = dict(BASIC, tools=[BASH_TOOL, TOOL_SEARCH_TOOL, PLACEHOLDER_TOOL], messages=[user("read example.com")])
+    loaded = dict(first, tools=[BASH_TOOL, TOOL_SEARCH_TOOL, WEBFETCH_TOOL, PLACEHOLDER_TOOL], messages=first["messages"] + [
+        {"role": "assistant", "content": [SEARCH_CALL]}, SEARCH_RESULT])
+    fetched = dict(loaded, messages=loaded["messages"] + [{"role": "assistant", "content": [FETCH_CALL]}, {
+        "role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_fetch", "content": "Example Domain"}]}])
+    return first, loaded, fetched
+
+
+def keeps_prefix(test, before, after):
+    """``after`` repeats ``before`` as the backend's cache needs it: same tools, input a prefix."""
+    test.assertEqual(cp.json_bytes(after.get("tools")), cp.json_bytes(before.get("tools")), "the tools stay the same")
+    test.assertEqual(cp.json_bytes(after["input"][:len(before["input"])]), cp.json_bytes(before["input"]))
+
+
+class TestToolLoadsKeepThePrefix(ProxyCase):
+    """Claude Code's deferred tools load through Codex's client-executed tool search: the tools
+    sent stay the same all along and a loaded tool arrives as an item at the point of its load,
+    so the prompt before it stays cached (issue 17). A backend without it gets plain tools."""
+
+    def test_a_tool_load_keeps_the_tools_and_every_earlier_item(self):
+        first, loaded, fetched = [translate(body)[0] for body in searching_session()]
+        keeps_prefix(self, first, loaded)
+        keeps_prefix(self, loaded, fetched)
+        self.assertEqual([t.get("name", t["type"]) for t in first["tools"]], ["Bash", "tool_search"])
+        self.assertEqual(first["tools"][1], {"type": "tool_search", "execution": "client", "description":
+                                             TOOL_SEARCH_TOOL["description"], "parameters": {
+            "type": "object", "properties": {"query": {"type": "string"}, "max_results": {"type": "number"}},
+            "required": ["query", "max_results"], "additionalProperties": False}})
+        call, output, note = loaded["input"][1:]
+        self.assertEqual(call, {"type": "tool_search_call", "call_id": "toolu_search", "status": "completed",
+                                "execution": "client", "arguments": {"query": "select:WebFetch", "max_results": 5}})
+        self.assertEqual(output, {"type": "tool_search_output", "call_id": "toolu_search", "status": "completed",
+                                  "execution": "client", "tools": [{"type": "namespace", "name": "functions",
+                                                                    "description": "", "tools": [{
+            "type": "function", "name": "WebFetch", "description": "Fetch a URL and read the page.",
+            "parameters": WEBFETCH_TOOL["input_schema"], "strict": False, "defer_loading": True}]}]})
+        self.assertEqual(note["content"], [{"type": "input_text", "text": "Tool loaded."}])
+        self.assertEqual(fetched["input"][4], {"type": "function_call", "call_id": "toolu_fetch", "name": "WebFetch",
+                                               "arguments": '{"url":"https://example.com"}', "namespace": "functions"})
+        for body in (first, loaded, fetched):
+            self.assertIsNone(codex_request_problem(body, set()))
+
+    def test_the_models_search_reaches_the_client_as_its_search_tool(self):
+        first, loaded, fetched = searching_session()
+        for stream in (False, True):
+            self.fake.reply(self.fake.turn().tool_search({"query": "select:WebFetch", "max_results": 5},
+                                                         call_id="call_s1").completed())
+            answer = self.stream(first) if stream else self.post(first).json()
+            message = cp.fold_message(answer) if stream else answer
+            self.assertEqual((message["stop_reason"], message["content"]), ("tool_use", [
+                {"type": "tool_use", "id": "call_s1", "name": "ToolSearch",
+                 "input": {"query": "select:WebFetch", "max_results": 5}}]))
+
+    def test_a_loaded_tool_is_called_and_sent_back_in_the_namespace_it_came_in(self):
+        first, loaded, fetched = searching_session()
+        self.fake.reply(self.fake.turn().tool_call("WebFetch", {"url": "https://example.com"}, call_id="toolu_fetch",
+                                                   namespace="functions").completed(),
+                        self.fake.turn().text("It says Example Domain.").completed())
+        call = self.post(loaded).json()["content"][0]
+        self.assertEqual((call["name"], call["input"]), ("WebFetch", {"url": "https://example.com"}))
+        self.assertEqual(self.post(fetched).status, 200, self.fake.refused)
+        keeps_prefix(self, self.fake.requests[0]["body"], self.sent())
+
+    def test_a_tool_addition_loads_the_tool_where_it_is_added(self):
+        first = dict(BASIC, tools=[BASH_TOOL, TOOL_SEARCH_TOOL, PLACEHOLDER_TOOL, WEBFETCH_TOOL],
+                     messages=[user("go"), {"role": "assistant", "content": "ok"}])
+        added = dict(first, messages=first["messages"] + [{"role": "system", "content": [
+            {"type": "tool_addition", "tool": {"type": "tool_reference", "name": "WebFetch"}}]}, user("fetch it")])
+        before, after = translate(first)[0], translate(added)[0]
+        keeps_prefix(self, before, after)
+        self.assertEqual([i["type"] for i in after["input"][len(before["input"]):]],
+                         ["message", "tool_search_call", "tool_search_output", "message"])
+        self.assertEqual(cp.loaded_names(after["input"][-2]), ["WebFetch"])
+        self.assertIsNone(codex_request_problem(after, set()))
+
+    def test_responses_lite_takes_the_tool_search_beside_its_namespace(self):
+        bodies = [dict(body, model="gpt-5.6-sol") for body in searching_session()]
+        codex = [translate(body)[0] for body in bodies]
+        self.assertEqual([t["type"] for t in codex[0]["input"][0]["tools"]], ["namespace", "tool_search"])
+        for before, after in zip(codex, codex[1:]):
+            self.assertEqual(cp.json_bytes(after["input"][:len(before["input"])]), cp.json_bytes(before["input"]))
+        for body in codex:
+            self.assertIsNone(codex_request_problem(body, set(), lite=True))
+
+    def test_a_search_cut_from_the_history_leaves_no_orphan(self):
+        first, loaded, fetched = searching_session()
+        no_result = dict(loaded, messages=loaded["messages"][:-1] + [user("never mind")])
+        codex = translate(no_result)[0]
+        self.assertEqual(codex["input"][2], {"type": "tool_search_output", "call_id": "toolu_search",
+                                             "status": "completed", "execution": "client", "tools": []})
+        orphan = dict(loaded, messages=[user("read example.com"), SEARCH_RESULT])
+        codex = translate(orphan)[0]
+        self.assertEqual(codex["input"][1]["content"][0]["text"], "Result of an earlier tool call (toolu_search):")
+        for body in (translate(no_result)[0], codex):
+            self.assertIsNone(codex_request_problem(body, set()))
+
+    def test_without_a_search_tool_deferred_tools_are_offered_from_the_start(self):
+        codex = translate(dict(BASIC, tools=[BASH_TOOL, WEBFETCH_TOOL]))[0]
+        self.assertEqual([t["name"] for t in codex["tools"]], ["Bash", "WebFetch"])
+        self.assertNotIn("defer_loading", json.dumps(codex["tools"]))
+
+    def test_a_recorded_claude_code_search_keeps_the_prefix(self):
+        body = claude_code_body("02-tool-turn1-request.json")
+        tail = json.loads(fixture("claude-code", "32-toolsearch-tool-reference.json").read_text())
+        tools = list(body["tools"])
+        for name in ("NotebookEdit", "WebFetch"):   # where 2.1.331 puts them: in its sorted order
+            at = [t["name"] for t in tail["tools_next_request"]].index(name)
+            tools.insert(at, {"name": name, "description": name, "input_schema": {"type": "object"}, "defer_loading": True})
+        before = translate(body)[0]
+        after = translate(dict(body, tools=tools, messages=body["messages"] + tail["messages_tail"]))[0]
+        keeps_prefix(self, before, after)
+        self.assertEqual(cp.loaded_names(next(i for i in after["input"] if i["type"] == "tool_search_output")),
+                         ["WebFetch", "NotebookEdit"])
+        self.assertIsNone(codex_request_problem(after, set()))
+
+
 def has_part(body, kind):
     return any(part.get("type") == kind for part in cp.all_parts(body))
 
@@ -2784,12 +2973,10 @@ COMPATIBILITY = [
                                         {"role": "system", "content": "Always.", "clear_at": "never"}, user("b"),
                                         {"role": "system", "content": "Just for b.", "clear_at": "next_user_message"}]},
      lambda t, c, x: t.assertEqual(upstream_texts(c), ["a", "Always.", "b", "Just for b."])),
-    ("tool_addition / tool_removal", "works", {"tools": [BASH_TOOL], "messages": TOOL_CHANGES},
-     lambda t, c, x: t.assertEqual([tool["name"] for tool in c["tools"]], ["Deploy"])),
-    ("tool_reference", "emulated", {"tools": [BASH_TOOL], "messages": [user("go"), {"role": "assistant", "content": [
-        {"type": "tool_use", "id": "call_s", "name": "Bash", "input": {}}]}, {"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": "call_s", "content": [{"type": "tool_reference", "tool_name": "Bash"}]}]}]},
-     lambda t, c, x: t.assertEqual(c["input"][-1]["output"], "Tool loaded: Bash")),
+    ("tool_addition / tool_removal", "emulated", {"tools": [BASH_TOOL], "messages": TOOL_CHANGES},
+     lambda t, c, x: t.assertEqual([tool["name"] for tool in c["tools"]], ["Bash", "Deploy"])),
+    ("tool_reference", "works", searching_session()[1],
+     lambda t, c, x: t.assertEqual(cp.loaded_names(c["input"][2]), ["WebFetch"])),
     ("other block types", "emulated", {"messages": [user("a"), {"role": "user", "content": [{"type": "fallback", "x": 1}]}]},
      lambda t, c, x: t.assertIn('[fallback block: {"x": 1}]', upstream_texts(c))),
     # tools
@@ -2798,8 +2985,10 @@ COMPATIBILITY = [
      has_no("cache_control", "eager_input_streaming", "allowed_callers")),
     ("input_examples", "emulated", {"tools": [dict(BASH_TOOL, input_examples=[{"command": "ls -la"}])]},
      lambda t, c, x: t.assertIn('Examples of input:\n{"command": "ls -la"}', c["tools"][0]["description"])),
-    ("defer_loading", "emulated", {"tools": [dict(BASH_TOOL, defer_loading=True)]},
-     lambda t, c, x: t.assertEqual((c["tools"][0]["name"], "defer_loading" in c["tools"][0]), ("Bash", False))),
+    ("defer_loading", "works", searching_session()[0], lambda t, c, x: (
+        t.assertEqual([tool.get("name", tool["type"]) for tool in c["tools"]], ["Bash", "tool_search"]),
+        t.assertEqual(translate({"model": "m", "messages": [user("a")], "tools": [dict(BASH_TOOL, defer_loading=True)]})[0][
+            "tools"][0]["name"], "Bash"))),
     ("web_search", "works", {"tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3,
                                        "allowed_domains": ["docs.python.org"]}]},
      lambda t, c, x: t.assertEqual(c["tools"][0]["filters"], {"allowed_domains": ["docs.python.org"]})),
@@ -2862,19 +3051,19 @@ class TestAnthropicCompatibility(ProxyCase):
         self.fake.reply(self.fake.turn().text("short").completed())
         self.assertEqual(self.post(dict(BASIC, max_tokens=10)).json()["stop_reason"], "end_turn")
 
-    def test_a_tool_added_mid_conversation_is_callable_and_a_removed_one_is_not(self):
+    def test_a_tool_added_mid_conversation_is_callable_and_a_removed_one_is_said_gone(self):
         self.fake.reply(self.fake.turn().tool_call("Deploy", {}, call_id="call_d").completed())
         answer = self.post(dict(BASIC, tools=[BASH_TOOL], messages=TOOL_CHANGES))
         self.assertEqual(answer.json()["content"][0]["name"], "Deploy")
-        sent = self.sent()
-        self.assertEqual([t["name"] for t in sent["tools"]], ["Deploy"])
+        sent = self.sent()   # the removed tool stays declared: what comes before the conversation holds
+        self.assertEqual([t["name"] for t in sent["tools"]], ["Bash", "Deploy"])
         notes = [p["text"] for i in sent["input"] if i.get("role") == "developer" for p in i["content"]]
         self.assertEqual(notes, ["The tool Bash is no longer available; do not call it.",
                                  "The tool Deploy is available from now on."])
         readd = TOOL_CHANGES + [{"role": "system", "content": [
             {"type": "tool_addition", "tool": {"type": "tool_reference", "name": "Bash"}}]}]
         codex, _ = translate(dict(BASIC, tools=[BASH_TOOL], messages=readd))
-        self.assertEqual([t["name"] for t in codex["tools"]], ["Deploy", "Bash"])
+        self.assertEqual([t["name"] for t in codex["tools"]], ["Bash", "Deploy"])
 
     def test_clear_thinking_keeps_the_reasoning_of_the_last_turns(self):
         signed = lambda n: {"type": "thinking", "thinking": "", "signature": cp.thinking_signature("gpt-5.5", "gAAAAB-%d" % n)}
@@ -3032,6 +3221,12 @@ REFUSALS = [
      lambda body, headers: "summary" in body["reasoning"], {"detail": "Unsupported parameter: reasoning.summary"}),
     ("verbosity", BASIC, lambda body, headers: "verbosity" in body.get("text", {}),
      {"detail": "Unknown parameter: 'text.verbosity'."}),
+    ("tool_search", searching_session()[2], lambda body, headers: "tool_search" in json.dumps(body),
+     {"error": {"message": "Invalid value: 'tool_search'. Supported values are: 'function', 'custom', 'namespace' and "
+                "'web_search'.", "type": "invalid_request_error", "param": "tools[1].type", "code": "invalid_value"}}),
+    ("tool_search", searching_session()[2], lambda body, headers: "tool_search" in json.dumps(body),
+     {"error": {"message": "Invalid value: 'tool_search_call'.", "type": "invalid_request_error",
+                "param": "input[1].type", "code": "invalid_value"}}),
     ("lite", dict(BASIC, model="gpt-5.6-sol", tools=[BASH_TOOL]),
      lambda body, headers: headers.get("x-openai-internal-codex-responses-lite") == "true",
      {"error": {"message": "Invalid value: 'additional_tools'. Supported values are: 'message', 'function_call', "
@@ -3484,6 +3679,83 @@ class TestTheBackendSeesItsOwnHistory(ProxyCase):
         self.assertEqual(len(keys), 1, "one conversation, one key")
         other = cp.prompt_cache_key(dict(BASIC, messages=[user("Something else.")]), {})
         self.assertNotIn(other, keys)
+
+    def test_the_reasoning_of_a_reply_of_text_only_goes_back_with_it(self):
+        self.fake.reply(self.fake.turn().reasoning(encrypted="gAAAAB-final-thoughts").text("All done.").completed(),
+                        self.fake.turn().text("You are welcome.").completed())
+        first = dict(BASIC, messages=[user("tidy up")])   # no thinking asked: the reasoning stays hidden
+        reply = self.post(first).json()
+        self.assertEqual(reply["content"], [{"type": "text", "text": "All done."}])
+        self.assertEqual(self.post(dict(first, messages=first["messages"] + [
+            {"role": "assistant", "content": reply["content"]}, user("thanks")])).status, 200)
+        self.assertEqual([(i["type"], i.get("encrypted_content")) for i in self.sent()["input"]], [
+            ("message", None), ("reasoning", "gAAAAB-final-thoughts"), ("message", None), ("message", None)])
+
+    def test_a_restart_between_two_prompts_changes_nothing_that_is_sent(self):
+        spaced = '{"command": "ls", "description": "list"}'
+        self.fake.reply(self.fake.turn().reasoning(encrypted="gAAAAB-why-ls").tool_call("Bash", spaced, call_id="call_r1")
+                        .completed(),
+                        self.fake.turn().reasoning(encrypted="gAAAAB-why-done").text("Listed.").completed())
+        body = dict(BASIC, tools=[BASH_TOOL], messages=[user("list the files")])
+        for _ in range(2):   # the tool loop of the first prompt, without thinking
+            reply = self.post(body).json()
+            body = dict(body, messages=body["messages"] + [{"role": "assistant", "content": reply["content"]}])
+            if reply["stop_reason"] == "tool_use":
+                body["messages"].append({"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "call_r1", "content": "a.txt"}]})
+        second = dict(body, messages=body["messages"] + [user("now count them")])
+        sent = []
+        for proxy in (self.proxy, self.restarted()):
+            self.proxy = proxy
+            self.fake.reply(self.fake.turn().text("One.").completed())
+            self.assertEqual(self.post(second).status, 200)
+            sent.append(cp.json_bytes({k: self.sent()[k] for k in ("input", "tools", "prompt_cache_key")}))
+        self.assertEqual(sent[0], sent[1], "the restarted proxy sends what the first one sent")
+        self.assertIn(b'"arguments":"{\\"command\\": \\"ls\\", \\"description\\": \\"list\\"}"', sent[1])
+        self.assertEqual(sent[1].count(b"gAAAAB-why-"), 2)
+
+    def restarted(self):
+        """A new proxy process, as far as what it keeps goes: the same home, nothing in memory."""
+        proxy = cp.ProxyServer(self.config)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        self.addCleanup(proxy.server_close)
+        self.addCleanup(proxy.shutdown)
+        return proxy
+
+    def test_the_kept_files_hold_no_conversation_text_and_stay_bounded(self):
+        home = Path(tempfile.mkdtemp(prefix="codex-proxy-kept-"))
+        self.addCleanup(shutil.rmtree, str(home), True)
+        reasoning = cp.ReasoningCache(home / "reasoning.jsonl", max_file_bytes=20000)
+        arguments = cp.WrittenArguments(home / "arguments.jsonl", max_file_bytes=8000)
+        for n in range(400):
+            reasoning.remember("gpt-5.5", "acct", [("gAAAAB-%04d" % n, ["toolu_SECRET_%d" % n]),
+                                                   ("gAAAAB-text-%04d" % n, [cp.reply_key("k", ["SECRET reply %d" % n])])])
+            arguments.remember([("toolu_SECRET_%d" % n, '{"path": "/home/SECRET/%d", "note": "Z\u00fcrich"}' % n)])
+        for path, bound in ((home / "reasoning.jsonl", 20000), (home / "arguments.jsonl", 8000)):
+            data = path.read_bytes()
+            self.assertLessEqual(len(data), bound, path.name)
+            self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
+            self.assertNotIn(b"SECRET", data)
+            self.assertNotIn(b"rich", data)
+            for line in data.splitlines():
+                self.assertLessEqual(set(json.loads(line)), {"k", "m", "a", "e", "t", "s", "d"})
+        again = cp.ReasoningCache(home / "reasoning.jsonl")
+        self.assertEqual(again.recall("toolu_SECRET_399", "gpt-5.5", "acct"), "gAAAAB-0399")
+        self.assertEqual(again.recall(cp.reply_key("k", ["SECRET reply 399"]), "gpt-5.5", "acct"), "gAAAAB-text-0399")
+        self.assertIsNone(again.recall("toolu_SECRET_399", "gpt-5.5", "other-login"))
+        self.assertIsNone(again.recall("toolu_SECRET_0", "gpt-5.5", "acct"), "rewritten with the newest only")
+        spelled = cp.WrittenArguments(home / "arguments.jsonl")
+        value = {"path": "/home/SECRET/399", "note": "Zürich"}
+        self.assertEqual(spelled.spelled("toolu_SECRET_399", value), '{"path": "/home/SECRET/399", "note": "Zürich"}')
+        self.assertIsNone(spelled.spelled("toolu_SECRET_399", dict(value, note="changed")))
+        with open(str(home / "reasoning.jsonl"), "ab") as f:   # a week old, and a line a crash cut short
+            f.write(json.dumps({"k": cp.kept_key("old"), "m": "gpt-5.5", "a": "acct", "e": "gAAAAB-old",
+                                "t": int(time.time()) - 8 * 86400}).encode() + b'\n{"k": "cut')
+        later = cp.ReasoningCache(home / "reasoning.jsonl")
+        self.assertIsNone(later.recall("old", "gpt-5.5", "acct"))
+        later.remember("gpt-5.5", "acct", [("gAAAAB-after", ["toolu_after"])])
+        self.assertEqual(cp.ReasoningCache(home / "reasoning.jsonl").recall("toolu_after", "gpt-5.5", "acct"),
+                         "gAAAAB-after")
 
     def test_the_arguments_kept_are_bounded(self):
         kept = cp.WrittenArguments(max_items=3, max_bytes=100)
@@ -6364,16 +6636,17 @@ class TestClaudeCode(ClaudeCodeCase):
         self.assertEqual((result["is_error"], result["result"]), (False, "Second attempt worked."))
         self.assertGreaterEqual(len(self.fake.requests), 2)
 
-    def test_8_tool_search_and_tool_reference_do_not_break_the_turn(self):
-        turn = self.fake.turn().tool_call("ToolSearch", {"query": "select:WebFetch", "max_results": 5})
+    def test_8_tool_search_loads_a_tool_without_changing_the_prompt_before_it(self):
+        turn = self.fake.turn().tool_search({"query": "select:WebFetch", "max_results": 5})
         self.fake.reply(turn.completed(), self.fake.turn().text("WebFetch is loaded.").completed())
         result, _ = self.claude("load the web fetch tool")
         self.assertEqual(result["result"], "WebFetch is loaded.")
         first, second = self.fake.requests[0]["body"], self.sent()
-        self.assertIn("DeferredToolPlaceholder", [t["name"] for t in first["tools"]])
-        self.assertIn("WebFetch", [t["name"] for t in second["tools"]])
-        outputs = [i["output"] for i in second["input"] if i["type"] == "function_call_output"]
-        self.assertEqual(outputs, ["Tool loaded: WebFetch"])
+        keeps_prefix(self, first, second)
+        self.assertIn("tool_search", [t["type"] for t in first["tools"]])
+        self.assertNotIn("DeferredToolPlaceholder", json.dumps(first["tools"]))
+        output = next(i for i in second["input"] if i["type"] == "tool_search_output")
+        self.assertEqual(cp.loaded_names(output), ["WebFetch"])
 
 
 @needs(CLAUDE, "Claude Code CLI not found: npm install @anthropic-ai/claude-code@2.1.331 (or set CODEX_PROXY_CLAUDE)")
