@@ -8,8 +8,10 @@ A fake Codex upstream in this process streams a realistic turn: a reasoning
 item with summary deltas, 300 text deltas and a tool call with 50 argument
 deltas. Each text delta carries the moment it was sent, so a client can tell
 how long it took to arrive, straight from the upstream or through the proxy.
-The proxy runs as a real `codex_proxy.py start` process. Prints a table, then
-one JSON line with every number.
+The proxy runs as a real `codex_proxy.py start` process. The full run also reports
+how much of each upstream request repeats the one before it, against what the client
+allows (the test suite's scripted Claude Code and SDK sessions, run on the
+codex_proxy.py beside this file). Prints a table, then one JSON line with every number.
 """
 
 import argparse
@@ -36,7 +38,7 @@ RATE = 100   # upstream events per second per stream in the latency runs
 TARGETS = {"serial_55k_new_added_p50_ms": 1.7, "serial_55k_kept_added_p50_ms": 1.0,
            "serial_1k_new_added_p50_ms": 0.9, "serial_1k_kept_added_p50_ms": 0.9, "ttfb_added_p50_ms": 2.0, "ttfb_added_p99_ms": 10.0, "event_added_ms": 1.0,
            "events_per_core_second": 20000, "rss_64_mb": 40.0, "connections_per_100": 1, "start_ms": 150.0,
-           "rss_after_large_added_mb": 20.0, "end_tool_checked_p50_ms": 55.0}
+           "rss_after_large_added_mb": 20.0, "end_tool_checked_p50_ms": 55.0, "prefix_reuse_min_pct": 99.5}
 
 
 # ---------------------------------------------------------------------------
@@ -514,6 +516,8 @@ def measure(quick, program=PROXY):
     measure_large_bodies(results, upstream, program, quick)
     measure_safeguards(results, upstream, program, quick)
     measure_compression(results, quick)
+    if not quick:
+        measure_prefix_reuse(results)
     results["machine"] = "%d CPU, %s, Python %s" % (os.cpu_count(), sys.platform, sys.version.split()[0])
     return results
 
@@ -602,6 +606,23 @@ def measure_large_bodies(results, upstream, program, quick):
         proxy.stop()
 
 
+PREFIX_RE = re.compile(r"\[measured\] prefix reuse, (.+?): ([\d.]+) % of the ceiling")
+
+
+def measure_prefix_reuse(results):
+    """The share of each upstream request that repeats the one before it, against what the
+    client allows (prompt-cache.md): the test suite's scripted sessions, with the real Claude
+    Code and the official SDK where they are installed (a session whose client is missing is
+    left out, and said so)."""
+    run = subprocess.run([sys.executable, "-m", "unittest", "test_codex_proxy.TestPromptCacheReuse",
+                          "test_codex_proxy.TestPromptCacheReuseWithTheSDK"], cwd=str(HERE),
+                         capture_output=True, text=True, timeout=600)
+    figures = {what: float(share) for what, share in PREFIX_RE.findall(run.stderr)}
+    results["prefix_reuse_of_ceiling_pct"] = figures
+    results["prefix_reuse_min_pct"] = min(figures.values()) if figures else None
+    results["prefix_reuse_sessions_ok"] = run.returncode == 0
+
+
 def report(results):
     rows = [
         ("added first byte, 55 KB, new connection, p50", "serial_55k_new_added_p50_ms", "ms", "<="),
@@ -617,9 +638,12 @@ def report(results):
         ("last upstream event to message_stop, auto mode", "end_tool_checked_p50_ms", "ms", "<="),
         ("upstream connections per 100 sequential turns", "connections_per_100", "", "<="),
         ("start to listening", "start_ms", "ms", "<="),
+        ("prefix reused, of the client's ceiling (lowest)", "prefix_reuse_min_pct", "%", ">="),
     ]
     print("%-48s %12s %10s  %s" % ("measure", "value", "target", "met"))
     for label, key, unit, sense in rows:
+        if key not in results:
+            continue   # a part the quick run leaves out
         value, target = results.get(key), TARGETS[key]
         met = value is not None and (value <= target if sense == "<=" else value >= target)
         print("%-48s %12s %10s  %s" % (label, "%s %s" % (value, unit), "%s %s" % (target, unit), "yes" if met else "NO"))
@@ -636,6 +660,8 @@ def report(results):
           "turn %(upload_1m_plain_kb)s KB -> " % results + "%s KB %s in %s ms of CPU; " % (
               results["upload_1m_%s_kb" % results["upload_encoding"]], results["upload_encoding"],
               results["upload_1m_compress_ms"]) + "%(machine)s" % results)
+    for what, share in sorted((results.get("prefix_reuse_of_ceiling_pct") or {}).items()):
+        print("prefix reused, %s: %.1f %% of the ceiling" % (what, share))
     print(json.dumps(results, sort_keys=True))
 
 

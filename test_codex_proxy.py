@@ -52,7 +52,8 @@ Command line: env, the launcher, doctor, a named login, the request log, the man
     TestOnlyANamedLogin, TestRequestLog, TestManual
 
 Judged by real clients: Claude Code CLI, the Codex CLI, the official Python SDK; a fresh clone's data
-    TestClaudeCode, TestClaudeCodeAutoMode, TestClaudeCodeAutoModeInteractive, TestClaudeCodeWebSearch,
+    TestClaudeCode, TestClaudeCodeAutoMode, TestClaudeCodeAutoModeInteractive, TestPromptCacheReuse,
+    TestPromptCacheReuseWithTheSDK, TestClaudeCodeWebSearch,
     TestRecordedCodexCliTraffic, TestCodexCliOracle (the real Codex CLI on the upstream side),
     TestAnthropicSDK,
     TestFreshCloneData
@@ -74,6 +75,7 @@ import tempfile
 import threading
 import time
 import unittest
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -787,7 +789,8 @@ class FakeCodex(FakeServer):
         except ValueError:
             body = None
         with self.lock:
-            self.requests.append({"path": handler.path, "headers": headers, "body": body, "wire_bytes": len(raw)})
+            record = {"path": handler.path, "headers": headers, "body": body, "wire_bytes": len(raw)}
+            self.requests.append(record)
         lite = headers.get("x-openai-internal-codex-responses-lite") == "true"
         known = dict(KNOWN_MODELS, **self.extra_models)
         problem = self.header_problem(handler.path, headers, body) or \
@@ -825,6 +828,7 @@ class FakeCodex(FakeServer):
                 "resets_in_seconds": self.limits[account][1]}}, {"x-codex-primary-used-percent": "100"})
         with self.lock:
             reply = self.script.popleft() if self.script else None
+            record["reply"] = reply
         if reply is None and self.default is not None:
             reply = Reply(events=self.default)
         if reply is None:
@@ -1199,6 +1203,15 @@ class ProxyCase(unittest.TestCase):
     def setUp(self):
         self.fake.reset()
 
+    def restarted(self):
+        """A new proxy process, as far as what it keeps goes: the same home, nothing in memory."""
+        proxy = cp.ProxyServer(self.config, self.handler)
+        proxy.answers = []
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        self.addCleanup(proxy.server_close)
+        self.addCleanup(proxy.shutdown)
+        return proxy
+
     def request(self, method, path, body=None, headers=None, key=PROXY_KEY, raw=None, timeout=30):
         conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=timeout)
         sent = {"anthropic-version": "2023-06-01"}
@@ -1267,6 +1280,57 @@ CATALOG = {m["slug"]: m for m in FAKE_CATALOG}
 def report(text):
     """A number for the test output (issue 5 asks each hardening test to show one)."""
     sys.stderr.write("\n    [measured] %s " % text)
+
+
+def replay_form(item):
+    """An item as a store:false replay can carry it again (prompt-cache.md): reasoning by its
+    encrypted content, messages by role and text, calls by id, name and arguments."""
+    kind = item.get("type")
+    if kind == "reasoning":
+        return kind, item.get("encrypted_content")
+    if kind == "message":
+        return kind, item.get("role"), tuple(part.get("text") for part in item.get("content") or [])
+    if kind == "function_call":
+        return kind, item.get("call_id"), item.get("name"), item.get("arguments")
+    if kind == "tool_search_call":
+        return kind, item.get("call_id"), json.dumps(item.get("arguments"), sort_keys=True)
+    return kind, json.dumps(item, sort_keys=True)
+
+
+def reply_output(record):
+    """The output items of the reply FakeCodex gave a recorded request."""
+    events = record.get("reply").events if record.get("reply") is not None else []
+    done = [e for e in events if e.get("type") == "response.completed"]
+    return done[-1]["response"]["output"] if done else []
+
+
+def prefix_reuse(records):
+    """Measured as in prompt-cache.md: for each request and the one before it under the same
+    prompt_cache_key, the bytes of its input that repeat the previous input and output as a
+    prefix (the backend's cache condition; nothing when instructions, tools or model differ),
+    and the ceiling, its bytes up to the length of the previous input and output: what any
+    proxy could reuse. -> [(reused bytes, ceiling bytes)], one per pair."""
+    last, pairs = {}, []
+    for record in records:
+        body = record["body"]
+        before = last.get(body["prompt_cache_key"])
+        last[body["prompt_cache_key"]] = record
+        if before is None:
+            continue
+        prev, size = before["body"], [len(cp.json_bytes(item)) for item in body["input"]]
+        expected = [("same", item) for item in prev["input"]] + [("replay", replay_form(i)) for i in reply_output(before)]
+        reused = 0
+        if all(prev.get(k) == body.get(k) for k in ("instructions", "tools", "model")):
+            for item, (how, wanted) in zip(body["input"], expected):
+                if (item if how == "same" else replay_form(item)) != wanted:
+                    break
+                reused += 1
+        pairs.append((sum(size[:reused]), sum(size[:len(expected)])))
+    return pairs
+
+
+def share_of_ceiling(pairs):
+    return 100.0 * sum(r for r, _ in pairs) / max(sum(c for _, c in pairs), 1)
 
 
 CLAUDE = os.environ.get("CODEX_PROXY_CLAUDE") or shutil.which("claude")
@@ -3713,14 +3777,6 @@ class TestTheBackendSeesItsOwnHistory(ProxyCase):
         self.assertEqual(sent[0], sent[1], "the restarted proxy sends what the first one sent")
         self.assertIn(b'"arguments":"{\\"command\\": \\"ls\\", \\"description\\": \\"list\\"}"', sent[1])
         self.assertEqual(sent[1].count(b"gAAAAB-why-"), 2)
-
-    def restarted(self):
-        """A new proxy process, as far as what it keeps goes: the same home, nothing in memory."""
-        proxy = cp.ProxyServer(self.config)
-        threading.Thread(target=proxy.serve_forever, daemon=True).start()
-        self.addCleanup(proxy.server_close)
-        self.addCleanup(proxy.shutdown)
-        return proxy
 
     def test_the_kept_files_hold_no_conversation_text_and_stay_bounded(self):
         home = Path(tempfile.mkdtemp(prefix="codex-proxy-kept-"))
@@ -6813,6 +6869,120 @@ class TestClaudeCodeAutoModeInteractive(ClaudeCodeCase):
 
 
 @needs(CLAUDE, "Claude Code CLI not found: npm install @anthropic-ai/claude-code@2.1.331 (or set CODEX_PROXY_CLAUDE)")
+@needs(CLAUDE, "Claude Code CLI not found: npm install @anthropic-ai/claude-code@2.1.331 (or set CODEX_PROXY_CLAUDE)")
+class TestPromptCacheReuse(ClaudeCodeCase):
+    """How much of each upstream request repeats the one before it, against what the client
+    allows (prompt-cache.md), for a scripted real Claude Code session: a tool loop with
+    parallel calls, a deferred tool loaded with ToolSearch and called, then `--resume`; with
+    thinking, and without it across a proxy restart. The figures are the README's."""
+
+    def session(self, restart=False, **env):
+        """Two prompts of one Claude Code session; -> the upstream requests of its conversation."""
+        root = Path(tempfile.mkdtemp(prefix="codex-proxy-session-"))
+        self.addCleanup(shutil.rmtree, str(root), True)
+        for name in ("home", "tmp", "work"):
+            (root / name).mkdir()
+        (root / "work" / "notes.txt").write_text("first line\nsecond line\n")
+        fake, session = self.fake, str(uuid.uuid4())
+        fake.reply(fake.turn().reasoning(["Look first."]).text("Let me look.")
+                   .tool_call("Bash", '{"command": "ls", "description": "List files"}').completed(),
+                   fake.turn().reasoning(["Two at once."]).tool_call("Bash", {"command": "echo a", "description": "a"})
+                   .tool_call("Read", {"file_path": str(root / "work" / "notes.txt")}).completed(),
+                   fake.turn().reasoning(["Load the cron tools."]).tool_search({"query": "select:CronList", "max_results": 5})
+                   .completed(),
+                   fake.turn().reasoning(["List them."]).tool_call("CronList", {}, namespace="functions").completed(),
+                   fake.turn().reasoning(["Say so."]).text("Looked around.").completed())
+        self.run_claude(root, "Look around and list the cron jobs.", "--session-id", session, **env)
+        if restart:
+            self.proxy = self.restarted()
+        fake.reply(fake.turn().reasoning(["Again."]).tool_call("Bash", {"command": "echo again", "description": "b"})
+                   .completed(), fake.turn().reasoning(["Done."]).text("Finished.").completed())
+        self.run_claude(root, "Once more, please.", "--resume", session, **env)
+        return [r for r in self.fake.requests if r["path"].endswith("/responses")]
+
+    def run_claude(self, root, prompt, *args, **env):
+        environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root / "home"),
+                       "TMPDIR": str(root / "tmp"), "TERM": "dumb", "ANTHROPIC_BASE_URL": self.proxy.url,
+                       "ANTHROPIC_AUTH_TOKEN": PROXY_KEY, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                       "CLAUDE_CODE_MAX_RETRIES": "1", "API_TIMEOUT_MS": "60000"}
+        environment.update(env)
+        result = subprocess.run([CLAUDE, "-p", prompt, "--output-format", "stream-json", "--verbose",
+                                 "--allowedTools", "Bash", "Read", "CronList"] + list(args),
+                                cwd=str(root / "work"), env=environment, stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=180)
+        self.assertIn('"type":"result"', result.stdout.replace(" ", ""), result.stderr[-2000:])
+        self.assertEqual(self.fake.refused, [])
+
+    def check(self, what, records):
+        pairs = prefix_reuse(records)
+        share = share_of_ceiling(pairs)
+        report("prefix reuse, %s: %.1f %% of the ceiling over %d pairs (%d of %d pairs at the ceiling)" % (
+            what, share, len(pairs), sum(r == c for r, c in pairs), len(pairs)))
+        self.assertGreaterEqual(len(pairs), 6)
+        self.assertGreaterEqual(share, 99.5, pairs)
+        return share
+
+    def test_a_claude_code_session_with_a_tool_search_reuses_what_the_client_allows(self):
+        records = self.session()
+        self.assertTrue(any(i["type"] == "tool_search_output" for i in records[-1]["body"]["input"]))
+        self.check("Claude Code, defaults (thinking, ToolSearch), --resume", records)
+
+    def test_without_thinking_and_across_a_restart_too(self):
+        records = self.session(restart=True, CLAUDE_CODE_DISABLE_THINKING="1")
+        self.assertNotIn("summary", records[0]["body"]["reasoning"])
+        self.check("Claude Code, CLAUDE_CODE_DISABLE_THINKING=1, proxy restarted before --resume", records)
+
+
+def sdk_tool_loop(test, thinking, stream):
+    """Six model turns with tool calls (parallel ones, arguments spelled with spaces and
+    non-ASCII text), a final text, then a second user turn: the SDK's own loop."""
+    calls = [[("run", '{"cmd": "ls", "why": "look"}')], [("run", '{"cmd": "echo café"}'), ("run", '{"cmd": "pwd"}')],
+             [("run", '{"cmd": "cat \\"a b\\"", "opts": {"n": 0.5}}')], [("run", '{"cmd": "date"}')], []]
+    client = anthropic.Anthropic(api_key=PROXY_KEY, base_url=test.proxy.url, max_retries=0)
+    args = dict(model="claude-opus-4-8", max_tokens=2048, tools=[{"name": "run", "description": "Run a command",
+                "input_schema": {"type": "object", "properties": {"cmd": {"type": "string"}}}}])
+    if thinking:
+        args["thinking"] = {"type": "enabled", "budget_tokens": 4096}
+    messages = [{"role": "user", "content": "Run the job, please."}]
+    for prompt, turns in ((None, calls), ("And the date again.", [[("run", '{"cmd": "date"}')], []])):
+        if prompt:
+            messages.append({"role": "user", "content": prompt})
+        for n, turn in enumerate(turns):
+            upstream = test.fake.turn().reasoning(["Thinking %d." % n])
+            for name, arguments in turn:
+                upstream.tool_call(name, arguments)
+            test.fake.reply(upstream.completed() if turn else upstream.text("All done.").completed())
+            if stream:
+                with client.messages.stream(messages=messages, **args) as answer:
+                    reply = answer.get_final_message()
+            else:
+                reply = client.messages.create(messages=messages, **args)
+            content = [block.model_dump(exclude_none=True) for block in reply.content]
+            messages.append({"role": "assistant", "content": content})
+            results = [{"type": "tool_result", "tool_use_id": b["id"], "content": "ok"} for b in content
+                       if b["type"] == "tool_use"]
+            if results:
+                messages.append({"role": "user", "content": results})
+    return [r for r in test.fake.requests if r["path"].endswith("/responses")]
+
+
+@needs(anthropic, "anthropic SDK not installed: pip install anthropic")
+class TestPromptCacheReuseWithTheSDK(ProxyCase):
+    """The same measure for the official SDK's tool loop, with and without thinking."""
+
+    def test_sdk_tool_loops_reuse_what_the_client_allows(self):
+        for thinking in (True, False):
+            for stream in (True, False):
+                with self.subTest(thinking=thinking, stream=stream):
+                    self.fake.reset()
+                    pairs = prefix_reuse(sdk_tool_loop(self, thinking, stream))
+                    report("prefix reuse, SDK tool loop, thinking %s, %s: %.1f %% of the ceiling over %d pairs" % (
+                        "on" if thinking else "off", "streaming" if stream else "create()", share_of_ceiling(pairs),
+                        len(pairs)))
+                    self.assertEqual(len(pairs), 6)
+                    self.assertGreaterEqual(share_of_ceiling(pairs), 99.5, pairs)
+
+
 class TestClaudeCodeWebSearch(ProxyCase):
     """Claude Code's WebSearch tool (a nested request with web_search_20250305) gets real results."""
 
