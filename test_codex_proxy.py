@@ -828,7 +828,7 @@ class FakeCodex(FakeServer):
                 "resets_in_seconds": self.limits[account][1]}}, {"x-codex-primary-used-percent": "100"})
         with self.lock:
             reply = self.script.popleft() if self.script else None
-            record["reply"] = reply
+            record["output"] = reply_items(reply)
         if reply is None and self.default is not None:
             reply = Reply(events=self.default)
         if reply is None:
@@ -1297,11 +1297,16 @@ def replay_form(item):
     return kind, json.dumps(item, sort_keys=True)
 
 
+def reply_items(reply):
+    """The output items of a scripted reply (what its response.completed lists)."""
+    events = reply.events if reply is not None and isinstance(reply.events, list) else []   # not raw SSE bytes
+    done = [e for e in events if isinstance(e, dict) and e.get("type") == "response.completed"]
+    return done[-1]["response"]["output"] if done else []
+
+
 def reply_output(record):
     """The output items of the reply FakeCodex gave a recorded request."""
-    events = record.get("reply").events if record.get("reply") is not None else []
-    done = [e for e in events if e.get("type") == "response.completed"]
-    return done[-1]["response"]["output"] if done else []
+    return record.get("output") or []
 
 
 def prefix_reuse(records):
