@@ -2602,7 +2602,7 @@ def search_result(block, state):
 
 def translate_assistant_blocks(items, blocks, state):
     parts = []
-    model, names = state.model, state.names
+    model = state.model
     if state.recall and not any(b.get("type") == "thinking" and signature_content(b.get("signature"), model,
                                                                                   state.account_tag)
                                 for b in blocks):
@@ -2626,24 +2626,7 @@ def translate_assistant_blocks(items, blocks, state):
                 parts.append({"type": "output_text", "text": text})
         elif kind == "tool_use":
             flush()
-            name = block.get("name") if isinstance(block.get("name"), str) else "tool"
-            names.setdefault(name, codex_tool_name(name))
-            arguments = block.get("input")
-            if name == state.search_tool:
-                items.append(state.search_call(block, arguments))
-                continue
-            written = state.arguments(block["id"], arguments) if state.arguments and isinstance(block.get("id"), str) \
-                else None
-            if written is not None:
-                arguments = written   # as the model wrote it: the backend's cache sees its own bytes
-            elif not isinstance(arguments, str):
-                arguments = json.dumps(arguments if arguments is not None else {},
-                                       ensure_ascii=False, separators=(",", ":"))
-            call = {"type": "function_call", "call_id": codex_call_id(block.get("id")),
-                    "name": names[name], "arguments": arguments}
-            if name in state.deferred:
-                call["namespace"] = LOADED_NAMESPACE   # as the model called it: from where it was loaded
-            items.append(call)
+            items.append(call_item(block, state))
         elif kind == "thinking":
             encrypted = signature_content(block.get("signature"), model, state.account_tag)
             if encrypted:
@@ -2658,6 +2641,26 @@ def translate_assistant_blocks(items, blocks, state):
             if text:
                 parts.append({"type": "output_text", "text": text})
     flush()
+
+
+def call_item(block, state):
+    """A tool_use the client sends back -> the call the model made: a function_call with
+    the arguments as it wrote them, or the tool search it ran."""
+    name = block.get("name") if isinstance(block.get("name"), str) else "tool"
+    state.names.setdefault(name, codex_tool_name(name))
+    arguments = block.get("input")
+    if name == state.search_tool:
+        return state.search_call(block, arguments)
+    written = state.arguments(block["id"], arguments) if state.arguments and isinstance(block.get("id"), str) else None
+    if written is not None:
+        arguments = written   # as the model wrote it: the backend's cache sees its own bytes
+    elif not isinstance(arguments, str):
+        arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False, separators=(",", ":"))
+    call = {"type": "function_call", "call_id": codex_call_id(block.get("id")), "name": state.names[name],
+            "arguments": arguments}
+    if name in state.deferred:
+        call["namespace"] = LOADED_NAMESPACE   # as the model called it: from where it was loaded
+    return call
 
 
 def recalled_for_text(blocks, state):
@@ -2810,21 +2813,22 @@ def metadata_session(metadata):
 
 
 def estimate_tokens(value):
-    """A rough token count of a Codex body: text at ~4 characters a token, images at a flat rate."""
-    chars, images = 0, 0
-    stack = [value]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, str):
-            chars += len(node)
-        elif isinstance(node, dict):
-            if node.get("type") in ("input_image", "input_file"):
-                images += 1
-                continue
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return chars // 4 + images * 1600
+    """A rough token count of a Codex body, or of its JSON bytes as sent: about 4 bytes of
+    JSON a token, and a flat rate for each data URL (an image, a PDF). Taken from the bytes,
+    so it costs a few scans in C, not a walk over every string of the body; the calibration
+    learned from the backend's counts corrects its ratio per conversation."""
+    data = value if isinstance(value, bytes) else json_bytes(value)
+    attached, skipped = 0, BODY_FIELDS_BYTES if isinstance(value, bytes) else 0
+    at = data.find(b'"data:')
+    while at >= 0:
+        end = data.find(b'"', at + 1)
+        end = len(data) if end < 0 else end
+        attached, skipped = attached + 1, skipped + end - at
+        at = data.find(b'"data:', end)
+    return max(len(data) - skipped, 0) // 4 + attached * 1600
+
+
+BODY_FIELDS_BYTES = 320   # a body's own fields (model, reasoning, include, the cache key...): no part of the prompt
 
 
 # -- Learned downgrades -----------------------------------------------------
@@ -4283,7 +4287,7 @@ class CodexClient:
     def open_here(self, payload, context, store=None, estimate=None, extra=None):
         """``open`` on this client's own origin, with ``extra`` headers as built there."""
         extra = dict(extra or {})
-        estimate = estimate or (lambda: estimate_tokens(json.loads(payload)))
+        estimate = estimate or (lambda: estimate_tokens(payload))
         body, encoding = self.upload(payload)
         if encoding:
             extra["Content-Encoding"] = encoding
@@ -5118,7 +5122,6 @@ class Relay:
         self.thread_turn = None      # a ThreadTurn when the request is on a message thread
         self.context = None
         self.payload = None          # the Codex body as sent, bytes
-        self.codex_body = None       # the same as a dict, until the estimate is taken from it
         self.estimate = None         # its input tokens, estimated
         self.stream = False
         self.safeguards = None       # a SafeguardCheck when auto mode asks for verdicts ("off": not judged)
@@ -5158,7 +5161,7 @@ class Relay:
 
     def _set_payload(self, codex):
         self.payload = self.server.written_tools.request_bytes(codex)
-        self.codex_body, self.estimate = codex, None
+        self.estimate = None
 
     def _choose_account(self, body, headers):
         """The login that serves this request (AccountPool): the conversation's own, or the freshest."""
@@ -5178,9 +5181,7 @@ class Relay:
     def input_estimate(self):
         """The request's input tokens, estimated (for a context error, a reply cut short, calibration)."""
         if self.estimate is None:
-            self.estimate = estimate_tokens(self.codex_body if self.codex_body is not None
-                                            else json.loads(self.payload))
-            self.codex_body = None   # from now on only the bytes are kept
+            self.estimate = estimate_tokens(self.payload)
         return self.estimate
 
     # -- attempts -----------------------------------------------------------
@@ -5835,7 +5836,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         codex_body, context = translate_request(body, self.headers.items(), self.server.config,
                                                 self.server.catalog.current())
         # A local estimate, scaled by how the backend counted this conversation's last turn.
-        tokens = self.server.calibration.estimate(context.cache_key, estimate_tokens(codex_body))
+        tokens = self.server.calibration.estimate(context.cache_key, estimate_tokens(
+            self.server.written_tools.request_bytes(codex_body)))   # as a relayed turn's, which calibrates it
         self.send_json(200, {"input_tokens": tokens})
 
     def handle_models(self):

@@ -6988,6 +6988,7 @@ class TestPromptCacheReuseWithTheSDK(ProxyCase):
                     self.assertGreaterEqual(share_of_ceiling(pairs), 99.5, pairs)
 
 
+@needs(CLAUDE, "Claude Code CLI not found: npm install @anthropic-ai/claude-code@2.1.331 (or set CODEX_PROXY_CLAUDE)")
 class TestClaudeCodeWebSearch(ProxyCase):
     """Claude Code's WebSearch tool (a nested request with web_search_20250305) gets real results."""
 
