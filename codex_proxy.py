@@ -248,6 +248,22 @@ WINDOWS = os.name == "nt"   # file modes are not Windows' permissions; tests for
 # Used by every section below: private files, JSON bytes, times, bounded tables,
 # digests, log redaction, and the one shape of an Anthropic error.
 
+def append_private_file(path, data):
+    """Append ``data`` (bytes, whole lines) to a 0600 file in a 0700 directory, on a new line
+    when a crash cut the file's last one, so it is never glued to it. -> the bytes written."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(str(path), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        if os.lseek(fd, 0, os.SEEK_END):
+            os.lseek(fd, -1, os.SEEK_END)
+            if os.read(fd, 1) != b"\n":
+                data = b"\n" + data
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    return len(data)
+
+
 def write_private_file(path, text, mode=0o600):
     """Write text atomically (temp file + rename) with ``mode``, in a 0700 directory.
     (On Windows the modes mean little; the user profile's permissions protect the files.)"""
@@ -1567,7 +1583,6 @@ class UsageLedger:
     def __init__(self, config):
         self.path = config.home / "usage.jsonl"
         self.lock = threading.Lock()
-        self.checked = False   # the last line looked at, before this process's first record
 
     def record(self, model, account_name, counted, kind=None):
         """``counted``: the turn's usage, as Anthropic counts it (anthropic_usage); ``kind``:
@@ -1577,33 +1592,12 @@ class UsageLedger:
                   "cached": counted["cache_read_input_tokens"], "output": counted["output_tokens"]}
         if kind:
             record["kind"] = kind
-        line = json.dumps(record)
         with self.lock:
             try:
-                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                if not self.checked:   # a crash may have cut the last line: never glue a record to it
-                    self.checked = True
-                    line = ("\n" if self._cut_short() else "") + line
-                fd = os.open(str(self.path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                try:
-                    os.write(fd, (line + "\n").encode("utf-8"))
-                finally:
-                    os.close(fd)
+                append_private_file(self.path, (json.dumps(record) + "\n").encode("utf-8"))
                 _unsaved_state.discard(self.path)
             except OSError as exc:   # a full disk must not fail the reply that was already sent
                 state_not_saved(self.path, exc, "`usage` misses the turns from now on")
-
-    def _cut_short(self):
-        """True when the ledger's last line has no end (the process writing it died)."""
-        try:
-            with open(str(self.path), "rb") as f:
-                f.seek(0, os.SEEK_END)
-                if not f.tell():
-                    return False
-                f.seek(-1, os.SEEK_END)
-                return f.read(1) != b"\n"
-        except OSError:
-            return False
 
     def totals(self, days=None):
         """{(day, model): [requests, input, cached, output]}, days in UTC, newest last."""
@@ -3234,25 +3228,10 @@ class KeptFile:
                 self.size = len(text.encode("utf-8"))
             return
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(str(self.path), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                if not self._ends_a_line(fd):
-                    data = b"\n" + data   # a crash cut the last line: never glue an entry to it
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            self.size += len(data)
+            self.size += append_private_file(self.path, data)
             _unsaved_state.discard(self.path)
         except OSError as exc:
             state_not_saved(self.path, exc, self.lost)
-
-    @staticmethod
-    def _ends_a_line(fd):
-        if os.lseek(fd, 0, os.SEEK_END) == 0:
-            return True
-        os.lseek(fd, -1, os.SEEK_END)
-        return os.read(fd, 1) == b"\n"
 
 
 def kept_key(key):

@@ -6603,6 +6603,13 @@ class ClaudeCodeCase(ProxyCase):
         ProxyCase.setUp(self)
         self.proxy.answers = []
 
+    def claude_environment(self, root):
+        """What `claude -p` runs with: an empty home under ``root``, the proxy as its API."""
+        return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root / "home"),
+                "TMPDIR": str(root / "tmp"), "TERM": "dumb", "ANTHROPIC_BASE_URL": self.proxy.url,
+                "ANTHROPIC_AUTH_TOKEN": PROXY_KEY, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                "CLAUDE_CODE_MAX_RETRIES": "1", "API_TIMEOUT_MS": "60000"}
+
     def claude(self, prompt, *args, **env):
         root = Path(tempfile.mkdtemp(prefix="codex-proxy-claude-"))
         self.addCleanup(shutil.rmtree, str(root), True)
@@ -6610,11 +6617,7 @@ class ClaudeCodeCase(ProxyCase):
             (root / name).mkdir()
         self.work = root / "work"
         (self.work / "build").mkdir()   # something for a risky command to remove
-        environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root / "home"),
-                       "TMPDIR": str(root / "tmp"), "TERM": "dumb", "ANTHROPIC_BASE_URL": self.proxy.url,
-                       "ANTHROPIC_AUTH_TOKEN": PROXY_KEY, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-                       "CLAUDE_CODE_MAX_RETRIES": "1", "API_TIMEOUT_MS": "60000"}
-        environment.update(env)
+        environment = dict(self.claude_environment(root), **env)
         result = subprocess.run([CLAUDE, "-p", prompt, "--output-format", "stream-json", "--verbose",
                                  "--no-session-persistence"] + list(args), cwd=str(root / "work"),
                                 env=environment, stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -6906,11 +6909,7 @@ class TestPromptCacheReuse(ClaudeCodeCase):
         return [r for r in self.fake.requests if r["path"].endswith("/responses")]
 
     def run_claude(self, root, prompt, *args, **env):
-        environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root / "home"),
-                       "TMPDIR": str(root / "tmp"), "TERM": "dumb", "ANTHROPIC_BASE_URL": self.proxy.url,
-                       "ANTHROPIC_AUTH_TOKEN": PROXY_KEY, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-                       "CLAUDE_CODE_MAX_RETRIES": "1", "API_TIMEOUT_MS": "60000"}
-        environment.update(env)
+        environment = dict(self.claude_environment(root), **env)
         result = subprocess.run([CLAUDE, "-p", prompt, "--output-format", "stream-json", "--verbose",
                                  "--allowedTools", "Bash", "Read", "CronList"] + list(args),
                                 cwd=str(root / "work"), env=environment, stdin=subprocess.DEVNULL,
@@ -6989,10 +6988,10 @@ class TestPromptCacheReuseWithTheSDK(ProxyCase):
 
 
 @needs(CLAUDE, "Claude Code CLI not found: npm install @anthropic-ai/claude-code@2.1.331 (or set CODEX_PROXY_CLAUDE)")
-class TestClaudeCodeWebSearch(ProxyCase):
+class TestClaudeCodeWebSearch(ClaudeCodeCase):
     """Claude Code's WebSearch tool (a nested request with web_search_20250305) gets real results."""
 
-    handler = RecordingHandler
+    settings = {}
 
     def test_9_web_search_tool_returns_the_backend_results(self):
         self.proxy.answers = []
@@ -7001,8 +7000,8 @@ class TestClaudeCodeWebSearch(ProxyCase):
             "codex_proxy is a one-file proxy, described at Example Docs.",
             citations=[("https://example.com/codex-proxy", "Example Docs", "Example Docs")])
         self.fake.reply(main.completed(), nested.completed(), self.fake.turn().text("Found it: Example Docs.").completed())
-        result, lines = TestClaudeCode.claude(self, "search the web for codex proxy", "--allowedTools", "WebSearch",
-                                              ENABLE_TOOL_SEARCH="false")
+        result, lines = self.claude("search the web for codex proxy", "--allowedTools", "WebSearch",
+                                    ENABLE_TOOL_SEARCH="false")
         self.assertEqual(result["result"], "Found it: Example Docs.")
         nested_request = self.fake.requests[1]["body"]
         self.assertEqual([t["type"] for t in nested_request["tools"]], ["web_search"])
