@@ -1994,7 +1994,8 @@ def make_lite(codex):
     tools = codex.pop("tools")
     del codex["instructions"]
     functions = [tool for tool in tools if tool["type"] == "function"]
-    spaces = [{"type": "namespace", "name": LOADED_NAMESPACE, "description": "", "tools": functions}] if functions else []
+    spaces = [{"type": "namespace", "name": LOADED_NAMESPACE, "description": "", "tools": functions}] \
+        if functions else []
     spaces += [tool for tool in tools if tool["type"] != "function"]
     codex["input"] = [{"type": "additional_tools", "role": "developer", "tools": spaces}] + codex["input"]   # as Codex: no empty namespace
     codex["parallel_tool_calls"] = False
@@ -2585,8 +2586,8 @@ def search_result(block, state):
     content = block.get("content") if isinstance(block.get("content"), list) else []
     names = [str(b.get("tool_name")) for b in content if isinstance(b, dict) and b.get("type") == "tool_reference"]
     items = [state.search_output(codex_call_id(block.get("tool_use_id")), names)]
-    rest = dict(block, content=[b for b in content if not (isinstance(b, dict) and b.get("type") == "tool_reference")]) \
-        if isinstance(block.get("content"), list) else block
+    kept = [b for b in content if not (isinstance(b, dict) and b.get("type") == "tool_reference")]
+    rest = dict(block, content=kept) if isinstance(block.get("content"), list) else block
     said = function_call_output(rest)["output"]
     if said != "(no output)" or not names:
         parts = said if isinstance(said, list) else [input_text(said)]
@@ -2914,7 +2915,8 @@ def offered_tools(codex):
     """The tools of a body in either shape, namespaces opened."""
     items = codex.get("input") or [{}]
     tools = codex.get("tools") if "tools" in codex else items[0].get("tools") or []
-    return [tool for space in tools for tool in (space.get("tools") or [] if space.get("type") == "namespace" else [space])]
+    return [tool for space in tools
+            for tool in (space.get("tools") or [] if space.get("type") == "namespace" else [space])]
 
 
 def tool_at(codex, name):
@@ -3276,7 +3278,8 @@ class WrittenArguments:
             while self.items and (len(self.items) > self.max_items or self.bytes > self.max_bytes):
                 self.bytes -= len(self.items.popitem(last=False)[1])
             if added:
-                self.file.add(added, lambda: [{"k": k, "s": v[0], "d": v[1], "t": v[2]} for k, v in self.styles.items()])
+                self.file.add(added, lambda: [{"k": k, "s": v[0], "d": v[1], "t": v[2]}
+                                              for k, v in self.styles.items()])
 
     def recall(self, tool_id):
         with self.lock:
