@@ -6884,6 +6884,8 @@ class TestPromptCacheReuse(ClaudeCodeCase):
     parallel calls, a deferred tool loaded with ToolSearch and called, then `--resume`; with
     thinking, and without it across a proxy restart. The figures are the README's."""
 
+    permissions = ("--allowedTools", "Bash", "Read", "CronList")
+
     def session(self, restart=False, **env):
         """Two prompts of one Claude Code session; -> the upstream requests of its conversation."""
         root = Path(tempfile.mkdtemp(prefix="codex-proxy-session-"))
@@ -6910,8 +6912,8 @@ class TestPromptCacheReuse(ClaudeCodeCase):
 
     def run_claude(self, root, prompt, *args, **env):
         environment = dict(self.claude_environment(root), **env)
-        result = subprocess.run([CLAUDE, "-p", prompt, "--output-format", "stream-json", "--verbose",
-                                 "--allowedTools", "Bash", "Read", "CronList"] + list(args),
+        result = subprocess.run([CLAUDE, "-p", prompt, "--output-format", "stream-json", "--verbose"]
+                                + list(self.permissions) + list(args),
                                 cwd=str(root / "work"), env=environment, stdin=subprocess.DEVNULL,
                                 capture_output=True, text=True, timeout=180)
         self.assertIn('"type":"result"', result.stdout.replace(" ", ""), result.stderr[-2000:])
@@ -6935,6 +6937,15 @@ class TestPromptCacheReuse(ClaudeCodeCase):
         records = self.session(restart=True, CLAUDE_CODE_DISABLE_THINKING="1")
         self.assertNotIn("summary", records[0]["body"]["reasoning"])
         self.check("Claude Code, CLAUDE_CODE_DISABLE_THINKING=1, proxy restarted before --resume", records)
+
+    def test_in_auto_mode_with_every_call_checked(self):
+        self.fake.catalog = FAKE_CATALOG
+        self.proxy.catalog.refresh()
+        self.fake.reviewer = by_command("--force")   # nothing here is flagged
+        self.permissions = ("--permission-mode", "auto")
+        records = self.session()
+        self.assertGreaterEqual(len(self.fake.reviews), 4, "each call was judged, the search too")
+        self.check("Claude Code in auto mode (its default permission mode), calls judged", records)
 
 
 def sdk_tool_loop(test, thinking, stream):
