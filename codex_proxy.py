@@ -318,10 +318,26 @@ def stat_mode(path):
         return 0o600
 
 
+def compact_json_writer():
+    """json.dumps(doc, ensure_ascii=False, separators=(",", ":")) as one function made once:
+    json.dumps builds a new encoder for every call given options, which is most of the cost
+    of writing a small event. The C encoder is the one json.dumps itself uses."""
+    encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:   # a Python without the _json accelerator
+        return encoder.encode
+    write = make(None, encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+    return lambda doc: "".join(write(doc, 0))
+
+
+compact_json = compact_json_writer()
+read_json = json.JSONDecoder().decode   # json.loads of a str, without its checks of the argument
+
+
 def json_bytes(doc):
     """Compact UTF-8 JSON. JSON input may carry lone surrogates ("\\ud800"), which
     UTF-8 cannot encode; they become "?" instead of an exception."""
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+    return compact_json(doc).encode("utf-8", "replace")
 
 
 def utc_now():
@@ -3464,31 +3480,40 @@ class LearnedDowngrades:
                       for rule, until in rules.items() if until > now)
 
 
-class WrittenTools:
-    """The tool lists of recent requests, as the JSON bytes sent upstream. A conversation
-    sends the same tools every turn (Claude Code's are 30 KB of JSON, most of the time it
-    takes to write a request), so an equal list is written once and its bytes reused."""
+class WrittenRequests:
+    """What recent requests sent upstream, as JSON bytes, to reuse. A conversation sends the
+    same tools every turn (Claude Code's are 30 KB of JSON) and its whole history again
+    (hundreds of KB in a long session): a tool list equal to one written before, and each
+    input item equal to the one at its place in the conversation's previous request, are
+    not written again. Comparing takes a fraction of the time writing does. (Equal as
+    Python compares: 1 and true alike, which no repeated history tells apart.)"""
 
-    KEEP = 16   # tool sets at once: the main agent, sub-agents, other clients
+    KEEP = 16                   # tool sets at once: the main agent, sub-agents, other clients
+    CONVERSATIONS = 32          # conversations whose last input is kept
+    INPUT_BYTES = 16 << 20      # at most this much of it in all
+    LARGEST_ITEM = 512 << 10    # an item larger (an image, a PDF) is written every time: kept, it would hold memory
 
     def __init__(self):
         self.lock = threading.Lock()
         self.recent = collections.OrderedDict()   # the tools' names -> (tools as written, bytes)
+        self.inputs = collections.OrderedDict()   # prompt_cache_key -> [(item as written, bytes)], its last input
+        self.input_bytes = 0
 
     def request_bytes(self, codex):
-        """json_bytes(codex), with its tools reused: the top-level list (classic shape), or
-        the first input item that carries them (Responses Lite). The part reused goes last
-        among the keys, where the order means nothing."""
+        """json_bytes(codex), its tools and input items reused where they are equal. The tools
+        are the top-level list (classic shape), or the first input item (Responses Lite);
+        the parts reused go last among the keys, where the order means nothing."""
         items = codex.get("input")
-        if codex.get("tools") and len(codex) > 1:
-            key, head, tail = "tools", b"", b""
-        elif isinstance(items, list) and items and items[0].get("type") == "additional_tools" and len(codex) > 1:
-            key, head, tail = "input", b"[", b"]" if len(items) == 1 else b"," + json_bytes(items[1:])[1:]
-        else:
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
             return json_bytes(codex)
-        rest = json_bytes({name: value for name, value in codex.items() if name != key})
-        reused = self.written(codex["tools"] if key == "tools" else items[0])
-        return b"%s,\"%s\":%s%s%s}" % (rest[:-1], key.encode("ascii"), head, reused, tail)
+        lite = bool(items) and items[0].get("type") == "additional_tools"
+        parts = [self.written(items[0])] if lite else []
+        parts += self.written_input(codex.get("prompt_cache_key"), items[1:] if lite else items)
+        tail = b'"input":[%s]' % b",".join(parts)
+        if "tools" in codex:
+            tail += b',"tools":%s' % (self.written(codex["tools"]) if codex["tools"] else json_bytes(codex["tools"]))
+        head = json_bytes({name: value for name, value in codex.items() if name not in ("input", "tools")})
+        return b"%s%s%s}" % (head[:-1], b"," if len(head) > 2 else b"", tail)
 
     def written(self, part):
         tools = part if isinstance(part, list) else [t for space in part.get("tools") or () for t in space.get("tools") or ()]
@@ -3501,6 +3526,36 @@ class WrittenTools:
         with self.lock:   # kept as read back from the bytes: later changes to ``part`` cannot reach it
             lru_put(self.recent, names, (json.loads(data), data), self.KEEP)
         return data
+
+    def written_input(self, key, items):
+        """The bytes of each input item; the conversation's are kept for its next request."""
+        with self.lock:
+            before = self.inputs.get(key) or ()
+        kept, parts = [], []
+        for n, item in enumerate(items):
+            if n < len(before) and before[n][0] == item:
+                kept.append(before[n])
+                parts.append(before[n][1])
+                continue
+            data = json_bytes(item)
+            parts.append(data)
+            kept.append((json.loads(data), data) if len(data) <= self.LARGEST_ITEM else (None, b""))
+        if key:
+            self._keep(key, kept)
+        return parts
+
+    def _keep(self, key, kept):
+        size = sum(len(data) for _, data in kept)
+        with self.lock:
+            old = self.inputs.pop(key, None)
+            self.input_bytes -= sum(len(data) for _, data in old) if old else 0
+            if size > self.INPUT_BYTES:
+                return
+            self.inputs[key] = kept
+            self.input_bytes += size
+            while self.input_bytes > self.INPUT_BYTES or len(self.inputs) > self.CONVERSATIONS:
+                _, dropped = self.inputs.popitem(last=False)
+                self.input_bytes -= sum(len(data) for _, data in dropped)
 
 
 # ---------------------------------------------------------------------------
@@ -4443,14 +4498,17 @@ class CodexStream:
         self.last_event = time.monotonic()
         self.cut = None          # ClientGone, UpstreamBroken or CodexFailure: why it was stopped
         self.settling = False
+        self.batches = None      # the read_sse being read
         conn.sock.settimeout(client.config.idle_timeout)   # a backstop; the Keeper is quicker
 
     def events(self):
-        """Yield upstream events until the body ends; raise UpstreamBroken or the cut's reason."""
+        """Yield the upstream's events, a list of those that arrived together at a time, until
+        the body ends; raise UpstreamBroken or the cut's reason."""
+        self.batches = read_sse(self.response)   # kept: finish reads the rest of the body through it
         try:
-            for event in read_sse(self.response):
+            for batch in self.batches:
                 self.last_event = time.monotonic()
-                yield event
+                yield batch
         except socket.timeout:
             self.close()
             raise self.cut or UpstreamBroken(idle_message(self.client.config.idle_timeout))
@@ -4482,9 +4540,11 @@ class CodexStream:
             return self.close()
         try:
             self.conn.sock.settimeout(1.0)
+            for _ in self.batches or ():   # events after the terminal one change nothing
+                pass
             while self.response.read1(65536):
                 pass
-        except (OSError, http.client.HTTPException):
+        except (OSError, http.client.HTTPException, ValueError):
             self.close()
             return
         if self.response.will_close or not self.response.isclosed():
@@ -4517,12 +4577,14 @@ def idle_message(seconds):
 
 
 def read_sse(response):
-    """Parse an SSE body into event dicts (dispatching on data.type, like Codex)."""
-    buffer, data = b"", []
+    """Parse an SSE body into event dicts (dispatching on data.type, like Codex): a list of
+    the events each read brought, so that those that came together are written together."""
+    buffer, data, reads = b"", [], body_reads(response)
     while True:
-        chunk = response.read1(65536)
+        chunk = next(reads, b"")
         lines = (buffer + chunk).split(b"\n") if chunk else [buffer, b""]
         buffer = lines.pop() if chunk else b""
+        events = []
         for line in lines:
             if line.endswith(b"\r"):
                 line = line[:-1]
@@ -4530,14 +4592,62 @@ def read_sse(response):
                 data.append(line[6:] if line[5:6] == b" " else line[5:])
             elif not line and data:
                 try:
-                    event = json.loads(b"\n".join(data))
+                    event = read_json(b"\n".join(data).decode("utf-8", "surrogatepass"))
                 except ValueError:
                     event = None
                 data = []
                 if isinstance(event, dict) and isinstance(event.get("type"), str):
-                    yield event
+                    events.append(event)
+        if events:
+            yield events
         if not chunk:
             return
+
+
+def body_reads(response):
+    """A reply's body, a piece per read of the socket. http.client hands a chunked body
+    over one chunk per call, and the backend sends one SSE event per chunk: here the
+    chunks are undone over all that one read brought, and the reply is closed after its
+    last chunk, as http.client does, which lets its connection be reused."""
+    if not response.chunked:
+        while True:
+            piece = response.read1(65536)
+            if not piece:
+                return
+            yield piece
+    source, buffer, pos = response.fp, b"", 0
+    left = 0          # bytes of this chunk, with its closing CRLF, still to come; 0: a size line is next
+    trailer = False   # past the last chunk: trailer lines, up to a blank one
+    while True:
+        data = source.read1(16384)   # more would allocate that much for every read
+        if not data:
+            raise http.client.IncompleteRead(b"")
+        buffer, pos, pieces = buffer[pos:] + data, 0, []
+        while pos < len(buffer):
+            if left:
+                n = min(left, len(buffer) - pos)
+                if left > 2:   # some of the chunk's data is left, not only its CRLF
+                    pieces.append(buffer[pos:pos + min(n, left - 2)])
+                pos, left = pos + n, left - n
+                continue
+            end = buffer.find(b"\n", pos)
+            if end < 0:
+                if len(buffer) - pos > 4096:
+                    raise ValueError("a chunk size line of more than 4 KB")
+                break
+            line, pos = buffer[pos:end], end + 1
+            if not trailer:
+                size = int(line.split(b";", 1)[0], 16)   # int() takes the spaces and the CR
+                if size < 0:
+                    raise ValueError("a negative chunk size")
+                trailer, left = size == 0, size + 2 if size else 0
+            elif not line.strip():
+                if pieces:
+                    yield b"".join(pieces)
+                response.close()
+                return
+        if pieces:
+            yield b"".join(pieces)
 
 
 class ModelCatalog:
@@ -4972,8 +5082,11 @@ class SafeguardCheck:
         upstream = server.codex.open(json_bytes(codex), context, account.store)
         translator, events = ResponseTranslator(context), []
         try:
-            for event in upstream.events():
-                events += translator.feed(event)
+            for batch in upstream.events():
+                for event in batch:
+                    events += translator.feed(event)
+                    if translator.finished:
+                        break
                 if translator.finished:
                     break
         finally:
@@ -5142,7 +5255,7 @@ class Relay:
         self.form = None if self.stream else answer_form(body)
 
     def _set_payload(self, codex):
-        self.payload = self.server.written_tools.request_bytes(codex)
+        self.payload = self.server.written.request_bytes(codex)
         self.estimate = None
 
     def _choose_account(self, body, headers):
@@ -5249,20 +5362,18 @@ class Relay:
         return upstream
 
     def _relay_events(self, upstream, translator):
-        """Feed the upstream's events through the reducer and write what comes out.
-        Streaming, the 200 is held until the upstream produced output, so failures at
-        the start are real HTTP errors. -> the FinishedTurn."""
-        writer, stream, check = self.writer, self.stream, self.safeguards
+        """Feed the upstream's events through the reducer and write what comes out, the
+        events of one read together. Streaming, the 200 is held until the upstream produced
+        output, so failures at the start are real HTTP errors. -> the FinishedTurn."""
+        writer, stream = self.writer, self.stream
         held, finished = [], None
         record = [] if stream and self.thread_turn else None   # the reply, for the thread store
-        for event in upstream.events():
-            out = translator.feed(event)
+        for batch in upstream.events():
+            out, failure = self._reduce(translator, batch)
             if record is not None:
                 record.extend(out)
             if writer.first_output_at is None and translator.has_output:
                 writer.first_output_at = time.monotonic()
-            if check is not None and check != "off":
-                check.watch(translator, self.account)   # each call judged once its arguments are complete
             if translator.finished:   # before message_stop reaches the client
                 self._add_safeguard_results(out)
                 finished = self._complete(upstream, translator, record if stream else held + out)
@@ -5270,15 +5381,31 @@ class Relay:
                 if not writer.sse_started:
                     writer.start_sse(unified_ratelimit_headers(quota_from_headers(upstream.headers)))
                     out, held = held + out, []
-                for item in out:
-                    writer.write_event(item)
+                writer.write_events(out)
             else:
                 held.extend(out)
+            if failure is not None:   # the events before it are with the client, as if they came alone
+                raise failure
             if translator.finished:
                 break
         if not translator.finished:
             raise UpstreamBroken("The Codex backend ended the stream before the reply was complete.")
         return finished
+
+    def _reduce(self, translator, batch):
+        """-> (the Anthropic events of upstream events that arrived together, the CodexFailure
+        one of them reported or None)."""
+        out, check = [], self.safeguards
+        for event in batch:
+            try:
+                out.extend(translator.feed(event))
+            except CodexFailure as failure:
+                return out, failure
+            if check is not None and check != "off":
+                check.watch(translator, self.account)   # each call judged once its arguments are complete
+            if translator.finished:
+                break
+        return out, None
 
     def _complete(self, upstream, translator, events):
         """The reply is complete, its end not yet with the client: the steps run now, so
@@ -5495,7 +5622,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.threads = ThreadStore()
         self.reasoning = ReasoningCache(config.home / "reasoning.jsonl")
         self.arguments = WrittenArguments(config.home / "arguments.jsonl")
-        self.written_tools = WrittenTools()
+        self.written = WrittenRequests()
         self.said = set()                   # what the console was told once (model remaps, client floors)
         self.keeper = Keeper(self)
         self.proxy_key = config.proxy_key()
@@ -5819,7 +5946,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                                 self.server.catalog.current())
         # A local estimate, scaled by how the backend counted this conversation's last turn.
         tokens = self.server.calibration.estimate(context.cache_key, estimate_tokens(
-            self.server.written_tools.request_bytes(codex_body)))   # as a relayed turn's, which calibrates it
+            self.server.written.request_bytes(codex_body)))   # as a relayed turn's, which calibrates it
         self.send_json(200, {"input_tokens": tokens})
 
     def handle_models(self):
@@ -5849,7 +5976,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             with self.write_lock:   # the relaying thread writes too
                 if self.sse_started and not self.sse_ended:
                     try:
-                        self._send_event(PING_EVENT)
+                        self._send_events([PING_EVENT])
                     except OSError:
                         stream.abort(ClientGone())
 
@@ -5868,12 +5995,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.sse_started = True
 
     def write_event(self, event):
-        with self.write_lock:
-            self._send_event(event)
+        self.write_events([event])
 
-    def _send_event(self, event):
-        """The one place an SSE event is written: one chunk, sent at once."""
-        data = b"event: %s\ndata: %s\n\n" % (event["type"].encode("ascii"), json_bytes(event))
+    def write_events(self, events):
+        if events:
+            with self.write_lock:
+                self._send_events(events)
+
+    def _send_events(self, events):
+        """The one place SSE events are written: in one chunk, sent at once."""
+        data = b"".join([b"event: %s\ndata: %s\n\n" % (event["type"].encode("ascii"), json_bytes(event))
+                         for event in events])
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.last_write = time.monotonic()
 

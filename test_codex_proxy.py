@@ -26,13 +26,13 @@ Request translation (pure functions), the compatibility table, learned downgrade
 
 Conversation state kept between turns: threads, hidden reasoning, token counts
     TestMessageThreadsWithTheSDK, TestMessageThreads, TestHiddenReasoning,
-    TestWrittenTools, TestTheBackendSeesItsOwnHistory, TestCountTokensCalibration
+    TestWrittenRequests, TestTheBackendSeesItsOwnHistory, TestCountTokensCalibration
 
 Stream translation (the reducer, pure) and web search
     TestStreamTranslation, TestCodexCliStreams, TestWebSearch
 
-Upstream client: the failure table, errors, timeouts, faults, the model catalog
-    TestUpstreamFailureTable, TestUpstreamErrors, TestUpstreamTimeouts,
+Upstream client: reading the stream, the failure table, errors, timeouts, faults, the model catalog
+    TestReadingTheUpstream, TestUpstreamFailureTable, TestUpstreamErrors, TestUpstreamTimeouts,
     TestUpstreamUnreachable, TestUpstreamFaults, TestModelsFollowTheBackend, TestWhatTheBackendSays,
     TestCompressedUploads, TestWorkspaceRouting, TestModelCatalog
 
@@ -3677,18 +3677,25 @@ class TestHiddenReasoning(unittest.TestCase):
         self.assertIsNone(cache.recall("call_0", "gpt-5.5", None))
 
 
-class TestWrittenTools(unittest.TestCase):
-    """The tools of a conversation are written to JSON once and their bytes reused by the
-    next turns: the request sent is the same JSON, for the classic shape and for Lite."""
+class TestWrittenRequests(unittest.TestCase):
+    """The tools of a conversation are written to JSON once, and each input item once, their
+    bytes reused by the next turns: the request sent is the same JSON, for the classic shape
+    and for Lite, and what changed is written again."""
 
-    def turns(self, model):
+    def turns(self, model, count=3):
         body = dict(BASIC, model=model, tools=[BASH_TOOL, dict(BASH_TOOL, name="Read", description="Read a file")])
-        return [translate(dict(body, messages=[user("turn %d" % n)]))[0] for n in range(3)]
+        messages, turns = [], []
+        for n in range(count):
+            if messages:
+                messages = messages + [{"role": "assistant", "content": "answer %d" % n}]
+            messages = messages + [user("turn %d é" % n)]
+            turns.append(translate(dict(body, messages=messages))[0])
+        return turns
 
     def test_each_turn_sends_the_same_json_and_the_tools_are_written_once(self):
         for model, shape in (("gpt-5.5", "tools"), ("gpt-5.6-sol", "input")):
             with self.subTest(model=model):
-                written = cp.WrittenTools()
+                written = cp.WrittenRequests()
                 sent = [written.request_bytes(codex) for codex in self.turns(model)]
                 self.assertEqual([json.loads(data) for data in sent], self.turns(model))
                 self.assertIn(shape, json.loads(sent[0]))
@@ -3697,22 +3704,56 @@ class TestWrittenTools(unittest.TestCase):
                                    ensure_ascii=False, separators=(",", ":")).encode()
                 self.assertTrue(all(tools in data for data in sent), "the same bytes in every turn")
 
-    def test_changed_tools_are_written_again_and_later_changes_cannot_reach_the_kept_bytes(self):
-        written = cp.WrittenTools()
+    def test_the_history_is_written_once_and_its_bytes_reused(self):
+        written = cp.WrittenRequests()
+        first, second, third = self.turns("gpt-5.5")
+        written.request_bytes(first)
+        kept = list(written.inputs[first["prompt_cache_key"]])
+        written.request_bytes(second)
+        again = written.inputs[first["prompt_cache_key"]]
+        self.assertEqual(len(again), len(second["input"]))
+        self.assertIs(again[0], kept[0], "the first user message was not written again")
+        self.assertEqual(json.loads(written.request_bytes(third)), third)
+        self.assertEqual(len(written.inputs), 1, "one conversation")
+
+    def test_changed_items_are_written_again_and_later_changes_cannot_reach_the_kept_bytes(self):
+        written = cp.WrittenRequests()
         first, second, _ = self.turns("gpt-5.5")
         before = written.request_bytes(first)
         first["tools"][0]["description"] = "changed after it was sent"
+        first["input"][0]["content"][0]["text"] = "changed after it was sent"
         after = written.request_bytes(second)
         self.assertNotIn(b"changed after it was sent", after)
         self.assertEqual(json.loads(after)["tools"], json.loads(before)["tools"])
+        self.assertEqual(json.loads(after), second)
         second["tools"][1]["description"] = "Read a file, all of it"
+        second["input"][0]["content"][0]["text"] = "turn 0, edited by the client"
         self.assertEqual(json.loads(written.request_bytes(second)), second)
 
     def test_requests_without_tools_are_written_as_they_are(self):
-        written = cp.WrittenTools()
+        written = cp.WrittenRequests()
         codex = translate(BASIC)[0]
-        self.assertEqual(written.request_bytes(codex), cp.json_bytes(codex))
+        self.assertEqual(json.loads(written.request_bytes(codex)), codex)
+        self.assertEqual(json.loads(written.request_bytes({"input": []})), {"input": []})
         self.assertEqual(len(written.recent), 0)
+
+    def test_large_items_and_many_conversations_are_not_kept(self):
+        written = cp.WrittenRequests()
+        image = "data:image/png;base64," + "A" * (written.LARGEST_ITEM + 10)
+        body = dict(BASIC, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image[22:]}},
+            {"type": "text", "text": "what is it?"}]}])
+        codex = translate(body)[0]
+        self.assertEqual(json.loads(written.request_bytes(codex)), codex)
+        self.assertEqual(written.inputs[codex["prompt_cache_key"]], [(None, b"")], "the image is not kept")
+        for n in range(written.CONVERSATIONS + 10):
+            written.request_bytes(translate(dict(BASIC, messages=[user("hello %d" % n)]))[0])
+        self.assertEqual(len(written.inputs), written.CONVERSATIONS)
+        self.assertEqual(written.input_bytes, sum(len(data) for kept in written.inputs.values() for _, data in kept))
+        written.INPUT_BYTES = 2000
+        for n in range(20):
+            written.request_bytes(translate(dict(BASIC, messages=[user("other %d" % n)]))[0])
+        self.assertLessEqual(written.input_bytes, 2000)
 
 
 class TestTheBackendSeesItsOwnHistory(ProxyCase):
@@ -4142,8 +4183,103 @@ class TestWebSearch(ProxyCase):
 
 
 # ---------------------------------------------------------------------------
-# Upstream client: the failure table, errors, timeouts, faults, the model catalog
+# Upstream client: reading the stream, the failure table, errors, timeouts, faults, the model catalog
 # ---------------------------------------------------------------------------
+
+class TrickleSocket:
+    """What HTTPResponse reads from: ``data``, at most ``step`` bytes per read of the socket."""
+
+    def __init__(self, data, step):
+        self.data, self.step = data, step
+
+    def makefile(self, mode):
+        import io
+        data, step, sent = self.data, self.step, [0]
+
+        class Raw(io.RawIOBase):
+            def readable(self):
+                return True
+
+            def readinto(self, buffer):
+                n = min(len(buffer), step, len(data) - sent[0])
+                buffer[:n] = data[sent[0]:sent[0] + n]
+                sent[0] += n
+                return n
+        return io.BufferedReader(Raw())
+
+
+class TestReadingTheUpstream(unittest.TestCase):
+    """The backend's SSE body is read a socket read at a time: its chunks undone over all
+    that one read brought, the events that came together handed on together, the
+    connection reusable after the last chunk, and a body cut short or malformed an error."""
+
+    HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    def events(self, n, size=40):
+        return [{"type": "response.output_text.delta", "n": i, "delta": "é" + "x" * size} for i in range(n)]
+
+    def chunked(self, events, extension=b"", trailer=b""):
+        body = b"".join(b"%x%s\r\n%s\r\n" % (len(piece), extension, piece) for piece in
+                        (sse_bytes([event]) for event in events))
+        return body + b"0\r\n" + trailer + b"\r\n"
+
+    def reply(self, data):
+        """An HTTPResponse reading ``data`` from a socket, after its head."""
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        theirs.sendall(data)
+        response = http.client.HTTPResponse(ours)
+        response.begin()
+        return response, theirs
+
+    def test_events_that_arrive_together_come_out_together(self):
+        first, second = self.events(30), self.events(5)
+        body = self.chunked(first + second)
+        split = body.index(b"%x\r\n" % len(sse_bytes([second[0]])), len(self.chunked(first)) - 200)
+        response, theirs = self.reply(self.HEAD + body[:split])
+        batches = cp.read_sse(response)
+        self.assertEqual(next(batches), first, "one read, one list, in order")
+        theirs.sendall(body[split:])
+        self.assertEqual(next(batches), second)
+        self.assertEqual(list(batches), [])
+        self.assertTrue(response.isclosed(), "closed after the last chunk, so the connection can be reused")
+
+    def test_chunks_split_anywhere_with_extensions_and_trailers_read_whole(self):
+        events = self.events(40, size=700)
+        for extension, trailer in ((b"", b""), (b";name=value", b"X-Trailer: 1\r\n")):
+            data = self.HEAD + self.chunked(events, extension, trailer)
+            for step in (1, 7, 4096):
+                with self.subTest(extension=extension, step=step):
+                    response = http.client.HTTPResponse(TrickleSocket(data, step))
+                    response.begin()
+                    self.assertEqual([e for batch in cp.read_sse(response) for e in batch], events)
+                    self.assertTrue(response.isclosed())
+
+    def test_a_body_cut_short_or_malformed_is_an_error_not_an_end(self):
+        body = self.chunked(self.events(3))
+        for data, error in ((body[:len(body) // 2], http.client.IncompleteRead),
+                            (b"zz\r\nabc\r\n", ValueError), (b"9" * 5000, ValueError)):
+            with self.subTest(data=data[:20]):
+                response, theirs = self.reply(self.HEAD + data)
+                theirs.shutdown(socket.SHUT_WR)
+                with self.assertRaises(error):
+                    list(cp.read_sse(response))
+
+    def test_a_body_with_a_length_is_read_as_it_comes(self):
+        events = self.events(12)
+        body = sse_bytes(events)
+        response, _ = self.reply(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.assertEqual([e for batch in cp.read_sse(response) for e in batch], events)
+
+    def test_json_is_written_as_json_dumps_writes_it(self):
+        for doc in ({"a": 1.5, "b": [1, 2, {"c": "é\ud800"}], "n": None, "t": True, "x": float("nan")}, "s", 3,
+                    [1e100, -0.0, 10 ** 30], {1: "an int key"}, {"k": "\u2028\x00\"\\"}, {}, []):
+            self.assertEqual(cp.json_bytes(doc), json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+                             .encode("utf-8", "replace"))
+        with self.assertRaises(TypeError):
+            cp.json_bytes({"a": object()})
+
 
 class TestUpstreamFailureTable(unittest.TestCase):
     """One table from a Codex failure to the Anthropic error and the relay's verdict."""
@@ -4250,6 +4386,15 @@ class TestUpstreamErrors(ProxyCase):
         self.fake.reply(turn.failed("server_is_overloaded", "busy"))
         events = self.stream(BASIC)
         self.assertEqual(events[-1], {"type": "error", "error": {"type": "overloaded_error", "message": events[-1]["error"]["message"]}})
+        self.assertNotIn("message_stop", [e["type"] for e in events])
+
+    def test_failure_in_the_same_read_as_the_output_still_streams_the_output(self):
+        turn = self.fake.turn().text("partial answer")
+        self.fake.reply(Reply(events=sse_bytes(turn.failed("server_is_overloaded", "busy"))))   # one write, one read
+        events = self.stream(BASIC)
+        self.assertEqual("".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta"),
+                         "partial answer")
+        self.assertEqual(events[-1]["type"], "error")
         self.assertNotIn("message_stop", [e["type"] for e in events])
 
     def test_failure_before_output_in_a_stream_is_an_http_error(self):
