@@ -4615,14 +4615,18 @@ def body_reads(response):
             if not piece:
                 return
             yield piece
-    source, buffer, pos = response.fp, b"", 0
+    # At most 2 KB a read (about six events), into one buffer per reply: larger reads saved
+    # little more CPU and, with 64 streams behind, held up to 8 MB more (measured).
+    source, room, buffer, pos = response.fp, memoryview(bytearray(2048)), bytearray(), 0
     left = 0          # bytes of this chunk, with its closing CRLF, still to come; 0: a size line is next
     trailer = False   # past the last chunk: trailer lines, up to a blank one
     while True:
-        data = source.read1(16384)   # more would allocate that much for every read
-        if not data:
+        got = source.readinto1(room)
+        if not got:
             raise http.client.IncompleteRead(b"")
-        buffer, pos, pieces = buffer[pos:] + data, 0, []
+        del buffer[:pos]
+        buffer += room[:got]
+        pos, pieces = 0, []
         while pos < len(buffer):
             if left:
                 n = min(left, len(buffer) - pos)
@@ -5282,17 +5286,11 @@ class Relay:
     # -- attempts -----------------------------------------------------------
 
     def _relay(self):
-        server = self.server
-        with server.active_lock:
-            server.active += 1
         try:
-            self.writer.connection.settimeout(server.config.idle_timeout)   # writes to a slow reader
+            self.writer.connection.settimeout(self.server.config.idle_timeout)   # writes to a slow reader
             self._attempts()
         except ClientGone:
             self.writer.close_connection = True
-        finally:
-            with server.active_lock:
-                server.active -= 1
 
     def _attempts(self):
         config = self.server.config
@@ -5627,7 +5625,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.keeper = Keeper(self)
         self.proxy_key = config.proxy_key()
         self.stopping = threading.Event()   # set on shutdown once running replies had their grace time
-        self.active = 0                     # replies being relayed now
+        self.active = 0                     # requests being answered now (replies being relayed)
         self.active_lock = threading.Lock()
         self.crashes = 0                    # handler exceptions that escaped (should stay 0)
         self.log_lock = threading.Lock()
@@ -5812,12 +5810,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _dispatch(self, method):
         self._begin()
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        server = self.server
+        with server.active_lock:   # a shutdown waits for the request, its log line included
+            server.active += 1
         try:
             self._route(method, path)
         finally:
             self._leave_no_body()
             if self.note is not None:
                 self._log_request(method, path)
+            with server.active_lock:
+                server.active -= 1
 
     def _leave_no_body(self):
         """A request answered without reading its body (refused, 404, 405) must not leave
