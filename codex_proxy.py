@@ -331,7 +331,7 @@ def compact_json_writer():
 
 
 compact_json = compact_json_writer()
-read_json = json.JSONDecoder().decode   # json.loads of a str, without its checks of the argument
+decode_json = json.JSONDecoder().decode   # json.loads of a str, without its checks of the argument
 
 
 def json_bytes(doc):
@@ -4592,7 +4592,7 @@ def read_sse(response):
                 data.append(line[6:] if line[5:6] == b" " else line[5:])
             elif not line and data:
                 try:
-                    event = read_json(b"\n".join(data).decode("utf-8", "surrogatepass"))
+                    event = decode_json(b"\n".join(data).decode("utf-8", "surrogatepass"))
                 except ValueError:
                     event = None
                 data = []
@@ -5677,6 +5677,10 @@ class ProxyServer(ThreadingHTTPServer):
         finally:
             self.connection_done()
 
+    def count_active(self, change):
+        with self.active_lock:
+            self.active += change
+
     def connection_done(self):
         with self.connections_lock:
             self.connections -= 1
@@ -5810,17 +5814,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _dispatch(self, method):
         self._begin()
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
-        server = self.server
-        with server.active_lock:   # a shutdown waits for the request, its log line included
-            server.active += 1
+        self.server.count_active(+1)   # a shutdown waits for the request, its log line included
         try:
             self._route(method, path)
         finally:
             self._leave_no_body()
             if self.note is not None:
                 self._log_request(method, path)
-            with server.active_lock:
-                server.active -= 1
+            self.server.count_active(-1)
 
     def _leave_no_body(self):
         """A request answered without reading its body (refused, 404, 405) must not leave
@@ -5997,9 +5998,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.last_write = time.monotonic()
         self.sse_started = True
 
-    def write_event(self, event):
-        self.write_events([event])
-
     def write_events(self, events):
         if events:
             with self.write_lock:
@@ -6035,7 +6033,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if self.note is not None:
             self.note["error"] = "%s: %s" % (error.error_type, error.message)
         if self.sse_started:   # too late for a status: say it in the stream
-            self.write_event(error.event())
+            self.write_events([error.event()])
             self.end_sse(close=True)
             return
         self.send_json(error.status, error.body(self.request_id), error.headers)

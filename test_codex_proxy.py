@@ -592,6 +592,28 @@ class QuietServer(ThreadingHTTPServer):
             ThreadingHTTPServer.handle_error(self, request, client_address)
 
 
+class TrickleSocket:
+    """What HTTPResponse reads from: ``data``, at most ``step`` bytes per read of the socket."""
+
+    def __init__(self, data, step):
+        self.data, self.step = data, step
+
+    def makefile(self, mode):
+        import io
+        data, step, sent = self.data, self.step, [0]
+
+        class Raw(io.RawIOBase):
+            def readable(self):
+                return True
+
+            def readinto(self, buffer):
+                n = min(len(buffer), step, len(data) - sent[0])
+                buffer[:n] = data[sent[0]:sent[0] + n]
+                sent[0] += n
+                return n
+        return io.BufferedReader(Raw())
+
+
 class Reply:
     """One scripted answer of FakeCodex.
 
@@ -4185,28 +4207,6 @@ class TestWebSearch(ProxyCase):
 # ---------------------------------------------------------------------------
 # Upstream client: reading the stream, the failure table, errors, timeouts, faults, the model catalog
 # ---------------------------------------------------------------------------
-
-class TrickleSocket:
-    """What HTTPResponse reads from: ``data``, at most ``step`` bytes per read of the socket."""
-
-    def __init__(self, data, step):
-        self.data, self.step = data, step
-
-    def makefile(self, mode):
-        import io
-        data, step, sent = self.data, self.step, [0]
-
-        class Raw(io.RawIOBase):
-            def readable(self):
-                return True
-
-            def readinto(self, buffer):
-                n = min(len(buffer), step, len(data) - sent[0])
-                buffer[:n] = data[sent[0]:sent[0] + n]
-                sent[0] += n
-                return n
-        return io.BufferedReader(Raw())
-
 
 class TestReadingTheUpstream(unittest.TestCase):
     """The backend's SSE body is read a socket read at a time: its chunks undone over all
