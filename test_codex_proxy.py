@@ -959,6 +959,7 @@ class FakeIssuer(FakeServer):
         self.devices = {}
         self.token_lifetime = 3600
         self.refresh_delay = 0.05
+        self.refresh_held_until = None   # a condition the refresh answer waits for (at most 15 s)
         FakeServer.__init__(self)
 
     @property
@@ -1052,6 +1053,9 @@ class FakeIssuer(FakeServer):
                 return self.send_json(handler, 401, REFRESH_REUSED_BODY)
             self.live_refresh.discard(token)
         time.sleep(self.refresh_delay)   # a real round trip: gives concurrent callers the chance to pile up
+        deadline = time.monotonic() + 15
+        while self.refresh_held_until is not None and not self.refresh_held_until() and time.monotonic() < deadline:
+            time.sleep(0.01)   # held until the test saw what it waits for (another caller blocked)
         tokens = self.mint()
         del tokens["id_token"]
         self.send_json(handler, 200, tokens)
@@ -2133,10 +2137,11 @@ def windows_lock_kit(folder):
 
 class TestSharedLoginAcrossProcesses(unittest.TestCase):
 
-    def run_two_processes(self, prefix, env_extra=None):
+    def run_two_processes(self, prefix, env_extra=None, hold_refresh_until=None):
         fake, issuer = FakeCodex().start(), None
         issuer = FakeIssuer(fake).start()
         issuer.refresh_delay = 0.5   # long enough that both processes want to refresh at once
+        issuer.refresh_held_until = hold_refresh_until
         self.addCleanup(fake.stop)
         self.addCleanup(issuer.stop)
         root = Path(tempfile.mkdtemp(prefix="codex-proxy-shared-"))
@@ -2178,7 +2183,8 @@ class TestSharedLoginAcrossProcesses(unittest.TestCase):
     def test_the_same_with_the_windows_lock(self):
         log = Path(tempfile.mkdtemp(prefix="codex-proxy-msvcrt-")) / "calls"
         self.addCleanup(shutil.rmtree, str(log.parent), True)
-        self.run_two_processes(lambda root: windows_lock_kit(root / "windows"), {"MSVCRT_STUB_LOG": str(log)})
+        busy = lambda: log.exists() and "busy" in log.read_text()   # the other process found the lock taken
+        self.run_two_processes(lambda root: windows_lock_kit(root / "windows"), {"MSVCRT_STUB_LOG": str(log)}, busy)
         calls = collections.Counter(log.read_text().split())
         self.assertEqual(calls["locked"], calls["unlocked"], "every lock taken was released")
         self.assertGreaterEqual(calls["locked"], 2, "both processes locked through msvcrt.locking")
