@@ -85,6 +85,7 @@ import re
 import secrets
 import select
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -387,30 +388,47 @@ def state_not_saved(path, exc, lost):
 
 
 class Memory:
-    """Giving memory back after a large request body (an image, a PDF). glibc keeps freed
-    heap memory for reuse, in one arena per thread, so a few large bodies would leave the
-    process hundreds of MB bigger for good. From the first large body on, large blocks come
-    from mmap (returned to the system when freed), and after each large request malloc_trim
-    hands back the rest. Where there is no glibc this does nothing."""
+    """Giving memory back: after a large request body (an image, a PDF), and once the script
+    has loaded. glibc keeps freed heap memory for reuse, in one arena per thread, so a few
+    large bodies would leave the process hundreds of MB bigger for good. From the first large
+    body on, large blocks come from mmap (returned to the system when freed), and after each
+    large request malloc_trim hands back the rest. Where there is no glibc this does nothing."""
 
     LARGE = 1 << 20          # a body this big makes the request a large one
     MMAP_THRESHOLD = 256 << 10
     _libc = None             # False: the platform has no malloc_trim
+    _large_seen = False
+
+    @staticmethod
+    def glibc():
+        """Whether malloc_trim is there to be called, asked without loading ctypes."""
+        try:
+            return sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+        except (AttributeError, ValueError, OSError):   # no confstr, or a C library that is not glibc
+            return False
 
     @classmethod
     def libc(cls):
         if cls._libc is None:
             cls._libc = False
-            if sys.platform.startswith("linux"):
+            if cls.glibc():
                 try:
-                    import ctypes   # only once a large body comes: keeps start-up lean
+                    import ctypes   # only when memory is given back: keeps start-up lean
                     libc = ctypes.CDLL(None)
-                    libc.mallopt(-3, cls.MMAP_THRESHOLD)   # M_MMAP_THRESHOLD; also stops it from growing
                     libc.malloc_trim.argtypes = [ctypes.c_size_t]
+                    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
                     cls._libc = libc
                 except (ImportError, OSError, AttributeError):
                     pass
         return cls._libc
+
+    @classmethod
+    def large_body(cls):
+        """A large body is coming: from now on large blocks are mmap'd, and given back when freed."""
+        libc = cls.libc()
+        if libc and not cls._large_seen:
+            cls._large_seen = True
+            libc.mallopt(-3, cls.MMAP_THRESHOLD)   # M_MMAP_THRESHOLD; also stops it from growing
 
     @classmethod
     def give_back(cls):
@@ -5637,6 +5655,12 @@ class ProxyServer(ThreadingHTTPServer):
         names = list(LOOPBACK_NAMES) + [config.host.lower()] + config.allowed_hosts
         self.allowed_hosts = set(names) | {"%s:%d" % (name, port) for name in names}
 
+    def server_bind(self):
+        """HTTPServer's, without its reverse DNS lookup of the address: the name is not used
+        here, and where DNS is slow that lookup alone can hold the start for seconds."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
     def log_request_record(self, record, line):
         """One line per request on stderr (--verbose) and/or one JSON line (--log-file)."""
         with self.log_lock:
@@ -5919,7 +5943,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise ProxyError(413, "request_too_large",
                              "The request body is larger than %d MiB (CODEX_PROXY_MAX_BODY_MB)." % (limit // 1048576))
         if length >= Memory.LARGE:
-            Memory.libc()
+            Memory.large_body()
             self.large_body = True
         data = self._read_body(length)
         try:
@@ -6543,25 +6567,75 @@ def cmd_start(args):
     first = server.accounts.first()
     if first is not None:   # where its turns go, asked now rather than before the first turn
         threading.Thread(target=server.codex.routes.route, args=(first.store,), daemon=True).start()
+    if serves_after_the_script():
+        serve_after_the_script(server)
+    else:
+        serve_here(server)
+    return 0
+
+
+def serves_after_the_script():
+    """Where `start` serves from a thread once the script's code has ended: where glibc can
+    give the script's parse back, on a Python that starts threads then (3.12.0-3.12.2 refuse
+    to: CPython gh-113964)."""
+    return Memory.glibc() and not (3, 12) <= sys.version_info[:3] < (3, 12, 3)
+
+
+def serve_here(server):
+    """Serve in this thread until SIGTERM or Ctrl+C, then stop (stop_serving)."""
     import signal
 
-    def stop(signum, frame):
+    def interrupt(signum, frame):
         raise KeyboardInterrupt()
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)   # also when started from a shell that had it ignored (`... &`)
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)   # also when started from a shell that had it ignored (`... &`)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+    ignore_stop_signals()
+    stop_serving(server)
+
+
+def serve_after_the_script(server):
+    """Serve from a thread and return at once, so that the script's code can end: Python holds
+    the parse of the script it runs (15 MB for this file) until then, and a proxy runs for days.
+    The main thread then waits in the interpreter's exit for the serving thread, and SIGTERM
+    and Ctrl+C are handled there (on Linux that wait is interrupted by signals)."""
+    import signal
+
+    def stop(signum, frame):
+        ignore_stop_signals()
+        server.shutdown()   # returns once serve_forever has stopped; stop_serving follows in its thread
+
+    def serve():
+        server.serve_forever()
+        stop_serving(server)
+
+    def give_back_the_parse():
+        threading.main_thread().join()   # the script's code has ended: what it held is free now
+        Memory.give_back()
+    threading.Thread(target=serve, name="serve").start()   # first: stop() waits for it
+    threading.Thread(target=give_back_the_parse, daemon=True).start()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def ignore_stop_signals():
+    import signal
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def stop_serving(server):
+    """After serving: running replies get config.drain_timeout to finish, then the rest are cut."""
+    config = server.config
     if server.active:
         sys.stderr.write("Stopping: letting %d running replies finish (at most %g s).\n"
                          % (server.active, config.drain_timeout))
     server.drain(config.drain_timeout)
     server.server_close()
     server.codex.close_idle()
-    return 0
 
 
 def start_banner(server):

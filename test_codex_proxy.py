@@ -6276,27 +6276,64 @@ class TestKeeper(unittest.TestCase):
 
 
 class TestShutdownAndLogs(unittest.TestCase):
+    """`start` serves until SIGTERM or Ctrl+C, then lets running replies finish. Where glibc
+    can give memory back it serves from a thread once the script's code has ended (so that
+    Python frees the script's parse); elsewhere from the main thread: both are tested here."""
 
-    def start_proxy(self, fake, *flags):
+    # `start` as it runs where it serves from the main thread (no glibc, Python 3.12.0-3.12.2)
+    FROM_THE_MAIN_THREAD = ["-c", "import sys, codex_proxy as cp; cp.serves_after_the_script = lambda: False; "
+                                  "sys.exit(cp.main(sys.argv[1:]))"]
+
+    def start_proxy(self, fake, *flags, launcher=None):
         home = Path(tempfile.mkdtemp(prefix="codex-proxy-stop-"))
         self.addCleanup(shutil.rmtree, str(home), True)
         write_tokens(home / "tokens.json")
         env = dict(os.environ, CODEX_PROXY_HOME=str(home), CODEX_HOME=str(home / "codex"),
                    CODEX_PROXY_UPSTREAM=fake.url, CODEX_PROXY_API_KEY=PROXY_KEY)
-        process = subprocess.Popen([sys.executable, str(HERE / "codex_proxy.py"), "start", "--port", "0"] + list(flags),
-                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        command = [sys.executable] + (launcher or [str(HERE / "codex_proxy.py")]) + ["start", "--port", "0"]
+        process = subprocess.Popen(command + list(flags), env=env, cwd=str(HERE), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
         self.addCleanup(stop_process, process)
         port = int(re.search(r":(\d+)$", process.stdout.readline().split()[-1]).group(1))
         return process, port
 
     def test_sigterm_lets_running_replies_finish_then_cuts_the_rest_and_exits_0(self):
+        self.check_sigterm_drains()
+
+    def test_the_same_when_serving_from_the_main_thread(self):
+        self.check_sigterm_drains(self.FROM_THE_MAIN_THREAD)
+
+    def test_start_gives_the_scripts_parse_back_while_it_serves(self):
+        if not cp.serves_after_the_script():
+            self.skipTest("served from the main thread here: the parse is kept")
+        fake = FakeCodex().start()
+        self.addCleanup(fake.stop)
+        fake.reply(fake.turn().text("served after the script ended").completed())
+        process, port = self.start_proxy(fake)
+
+        def memory(field):
+            status = Path("/proc/%d/status" % process.pid).read_text()
+            return int(re.search(field + r":\s+(\d+) kB", status).group(1))
+        # The parse of the script is most of the peak; given back, the process is well below it.
+        wait_until(lambda: memory("VmRSS") < 0.8 * memory("VmHWM"), what="the script's parse given back")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/messages", json.dumps(BASIC), {"x-api-key": PROXY_KEY, "Content-Type": "application/json"})
+        answer = conn.getresponse()
+        self.assertEqual((answer.status, json.loads(answer.read())["content"][0]["text"]),
+                         (200, "served after the script ended"))
+        conn.close()
+        report("start: RSS %.1f MB once serving, %.1f MB at its peak" % (memory("VmRSS") / 1024, memory("VmHWM") / 1024))
+        process.send_signal(__import__("signal").SIGINT)
+        self.assertEqual(process.wait(30), 0, "Ctrl+C stops it")
+
+    def check_sigterm_drains(self, launcher=None):
         import signal
         fake = FakeCodex().start()
         self.addCleanup(fake.stop)
         quick = Reply(events=fake.turn().text("finished during shutdown").completed(), pause=(3, 1.0))
         stuck = Reply(events=fake.turn().text("never ends", pieces=2).completed(), stall_after=4)
         fake.reply(quick, stuck)
-        process, port = self.start_proxy(fake)
+        process, port = self.start_proxy(fake, launcher=launcher)
         results = {}
 
         def call(name):
@@ -6446,6 +6483,16 @@ class TestStartCommand(unittest.TestCase):
         conn.request("GET", "/v1/models", headers={"Authorization": "Bearer " + key})
         self.assertEqual(conn.getresponse().status, 200)
         conn.close()
+
+    def test_start_does_not_look_up_its_own_name(self):
+        from unittest import mock
+        home = tempfile.mkdtemp(prefix="codex-proxy-name-")
+        self.addCleanup(shutil.rmtree, home, True)
+        with mock.patch.dict(os.environ, CODEX_PROXY_HOME=home), \
+                mock.patch.object(socket, "getfqdn", side_effect=AssertionError("a DNS lookup at start")):
+            server = cp.ProxyServer(cp.config_from_args(cp.build_parser().parse_args(["start", "--port", "0"])))
+        server.server_close()
+        self.assertEqual(server.server_name, "127.0.0.1")
 
     def test_port_in_use_is_one_clear_sentence(self):
         busy = socket.socket()
