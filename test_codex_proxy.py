@@ -6113,6 +6113,7 @@ class TestMemoryAfterLargeBodies(ProxyCase):
             self.skipTest("malloc_trim is glibc's")
         self.assertTrue(cp.Memory.libc(), "malloc_trim and mallopt were found")
         cp.Memory.give_back()
+        self.assertTrue(cp.Memory.share_arenas(), "glibc took the arena limit")
 
 
 class TestConnectionLimits(ProxyCase):
